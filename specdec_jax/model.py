@@ -1,0 +1,224 @@
+"""The Gemma 3 decoder in flax.linen, pure-functional, with an explicit KV cache.
+
+    model = Transformer(config)
+    logits, hidden, cache = model.apply(params, tokens, cache)
+
+`tokens` is [B, T]: the prompt for prefill, 1 token for autoregressive decode,
+k+1 tokens to verify a draft. Row b writes its T keys/values at cache slots
+`cache.lengths[b] .. cache.lengths[b] + T - 1`, and the token in slot s sits at
+position s (RoPE and masks use that). Rolling a row back after a rejection is
+therefore just `cache.replace(lengths=...)`: stale slots are past every later
+query's causal horizon and get overwritten before anything reads them.
+
+Dimension letters: B batch, T query length, S cache slots, D embed, F GeGLU
+width, N query heads, K kv heads, G = N // K heads per kv head, H head dim,
+V vocabulary.
+"""
+import math
+from typing import Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from specdec_jax.config import ModelConfig
+
+
+@struct.dataclass
+class KVCache:
+  k: Tuple[jax.Array, ...]   # num_layers x [B, S, K, H]
+  v: Tuple[jax.Array, ...]   # num_layers x [B, S, K, H]
+  lengths: jax.Array         # [B] int32: slots filled; the next write slot
+
+  @classmethod
+  def init(cls, config: ModelConfig, batch: int, size: int) -> 'KVCache':
+    shape = (batch, size, config.num_kv_heads, config.head_dim)
+    zeros = lambda: tuple(jnp.zeros(shape, config.jnp_dtype)
+                          for _ in range(config.num_layers))
+    return cls(k=zeros(), v=zeros(), lengths=jnp.zeros((batch,), jnp.int32))
+
+  @property
+  def size(self) -> int:
+    return self.k[0].shape[1]
+
+
+def rms_norm(x, scale, eps):
+  """x * rsqrt(mean(x^2) + eps) * scale, in float32.
+
+  `scale` is the full multiplier (Gemma's `1 + w`, as the GGUF stores it).
+  """
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def apply_rope(x, positions, base, scale=1.0):
+  """Rotary embedding, rotate-half layout. x: [B, T, *, H]; positions: [B, T]."""
+  h = x.shape[-1]
+  inv_freq = 1.0 / (base ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))  # [H/2]
+  angle = positions.astype(jnp.float32)[..., None] / scale * inv_freq       # [B, T, H/2]
+  angle = angle[:, :, None, :]                                              # [B, T, 1, H/2]
+  sin, cos = jnp.sin(angle), jnp.cos(angle)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    return rms_norm(x, scale, self.eps)
+
+
+def _dense_init(fan_in):
+  return nn.initializers.normal(stddev=1.0 / math.sqrt(fan_in))
+
+
+class Attention(nn.Module):
+  config: ModelConfig
+  is_global: bool
+
+  @nn.compact
+  def __call__(self, x, positions, cache_kv: Optional[Tuple[jax.Array, jax.Array]],
+               lengths: Optional[jax.Array]):
+    cfg = self.config
+    N, K, H, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
+    B, T, _ = x.shape
+    pd = cfg.jnp_param_dtype
+    # One fused projection for q, k, v: a single GEMV per layer when decoding.
+    w_qkv = self.param('qkv', _dense_init(D), (D, (N + 2 * K) * H), pd)
+    w_out = self.param('out', _dense_init(N * H), (N * H, D), pd)
+    q_scale = self.param('q_norm', nn.initializers.ones, (H,), pd)
+    k_scale = self.param('k_norm', nn.initializers.ones, (H,), pd)
+
+    qkv = jnp.einsum('BTD,DE->BTE', x, w_qkv.astype(x.dtype))
+    q, k, v = jnp.split(qkv, [N * H, (N + K) * H], axis=-1)
+    q = rms_norm(q.reshape(B, T, N, H), q_scale, cfg.norm_eps)
+    k = rms_norm(k.reshape(B, T, K, H), k_scale, cfg.norm_eps)
+    v = v.reshape(B, T, K, H)
+    if self.is_global:
+      base, rscale = cfg.rope_base_global, cfg.rope_scale_global
+    else:
+      base, rscale = cfg.rope_base_local, 1.0
+    q = apply_rope(q, positions, base, rscale)
+    k = apply_rope(k, positions, base, rscale)
+
+    if cache_kv is None:
+      keys, values, key_pos = k, v, positions                   # [B, T, K, H]
+    else:
+      write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice(c, u, (i, 0, 0)))
+      keys = write(cache_kv[0], k.astype(cache_kv[0].dtype), lengths)   # [B, S, K, H]
+      values = write(cache_kv[1], v.astype(cache_kv[1].dtype), lengths)
+      key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (B, keys.shape[1]))
+
+    # Causal, plus the sliding window on local layers: key j is visible to the
+    # query at position p iff j <= p and (global or j > p - window).
+    q_pos, k_pos = positions[:, :, None], key_pos[:, None, :]       # [B, T, 1], [B, 1, S]
+    mask = k_pos <= q_pos
+    if not self.is_global:
+      mask &= k_pos > q_pos - cfg.sliding_window                   # [B, T, S]
+
+    q = q.reshape(B, T, K, N // K, H) * (cfg.query_pre_attn_scalar ** -0.5)
+    scores = jnp.einsum('BTKGH,BSKH->BKGTS', q, keys.astype(q.dtype))
+    scores = scores.astype(jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+    out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, values.astype(x.dtype))
+    out = jnp.einsum('BTE,ED->BTD', out.reshape(B, T, N * H), w_out.astype(x.dtype))
+    new_kv = None if cache_kv is None else (keys, values)
+    return out, new_kv
+
+
+class MLP(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    D, F = self.config.embed_dim, self.config.hidden_dim
+    pd = self.config.jnp_param_dtype
+    w_gate_up = self.param('gate_up', _dense_init(D), (D, 2 * F), pd)  # [gate | up]
+    w_down = self.param('down', _dense_init(F), (F, D), pd)
+    gate, up = jnp.split(jnp.einsum('BTD,DF->BTF', x, w_gate_up.astype(x.dtype)), 2, axis=-1)
+    h = jax.nn.gelu(gate, approximate=True) * up
+    return jnp.einsum('BTF,FD->BTD', h, w_down.astype(x.dtype))
+
+
+class Block(nn.Module):
+  config: ModelConfig
+  is_global: bool
+
+  @nn.compact
+  def __call__(self, x, positions, cache_kv, lengths):
+    cfg = self.config
+    norm = lambda name: RMSNorm(cfg.norm_eps, cfg.jnp_param_dtype, name=name)
+    h, new_kv = Attention(cfg, self.is_global, name='attn')(
+        norm('pre_attn_norm')(x), positions, cache_kv, lengths)
+    x = x + norm('post_attn_norm')(h)
+    h = MLP(cfg, name='mlp')(norm('pre_ffw_norm')(x))
+    x = x + norm('post_ffw_norm')(h)
+    return x, new_kv
+
+
+class Transformer(nn.Module):
+  """Gemma 3 decoder. `__call__` returns (logits or None, hidden, cache)."""
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embedding = self.param(
+        'embedding', nn.initializers.normal(stddev=1.0 / math.sqrt(cfg.embed_dim)),
+        (cfg.vocab_size, cfg.embed_dim), cfg.jnp_param_dtype)             # [V, D]
+    self.blocks = [Block(cfg, g, name=f'layer_{i}') for i, g in enumerate(cfg.is_global)]
+    self.final_norm = RMSNorm(cfg.norm_eps, cfg.jnp_param_dtype)
+
+  def embed(self, tokens):
+    """Scaled token embedding, [B, T] -> [B, T, D]."""
+    x = jnp.take(self.embedding, tokens, axis=0).astype(self.config.jnp_dtype)
+    return x * jnp.asarray(math.sqrt(self.config.embed_dim), self.config.jnp_dtype)
+
+  def logits(self, hidden):
+    """Tied LM head: [..., D] (final-normed hidden) -> [..., V] float32."""
+    return jnp.einsum('...D,VD->...V', hidden,
+                      self.embedding.astype(hidden.dtype)).astype(jnp.float32)
+
+  def __call__(self, tokens, cache: Optional[KVCache] = None, compute_logits: bool = True):
+    """tokens [B, T] -> (logits [B, T, V] | None, hidden [B, T, D], cache).
+
+    With a cache, row b's tokens take positions cache.lengths[b] + (0..T-1) and
+    the returned cache has lengths + T. Without one (training, the full
+    forward in tests) positions are 0..T-1 and attention is causal over T.
+    `hidden` is the final-normed last-layer state: the LM head's input.
+    """
+    B, T = tokens.shape
+    offset = jnp.zeros((B,), jnp.int32) if cache is None else cache.lengths
+    positions = offset[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
+    x = self.embed(tokens)
+    new_k, new_v = [], []
+    for i, block in enumerate(self.blocks):
+      kv = None if cache is None else (cache.k[i], cache.v[i])
+      x, new_kv = block(x, positions, kv, offset)
+      if new_kv is not None:
+        new_k.append(new_kv[0])
+        new_v.append(new_kv[1])
+    hidden = self.final_norm(x)
+    if cache is not None:
+      cache = KVCache(k=tuple(new_k), v=tuple(new_v), lengths=cache.lengths + T)
+    logits = self.logits(hidden) if compute_logits else None
+    return logits, hidden, cache
+
+
+def init_params(config: ModelConfig, rng) -> dict:
+  """Random parameters (for tests and from-scratch training)."""
+  model = Transformer(config)
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return model.init(rng, tokens, compute_logits=True)['params']
+
+
+def param_shapes(config: ModelConfig) -> dict:
+  """The params tree as ShapeDtypeStructs, without allocating anything."""
+  return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
