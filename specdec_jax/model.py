@@ -14,6 +14,7 @@ Dimension letters: B batch, T query length, S cache slots, D embed, F GeGLU
 width, N query heads, K kv heads, G = N // K heads per kv head, H head dim,
 V vocabulary.
 """
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -27,20 +28,20 @@ from specdec_jax.config import ModelConfig
 
 @struct.dataclass
 class KVCache:
-  k: Tuple[jax.Array, ...]   # num_layers x [B, S, K, H]
-  v: Tuple[jax.Array, ...]   # num_layers x [B, S, K, H]
+  k: Tuple[jax.Array, ...]   # num_layers x [B, K, S, H]
+  v: Tuple[jax.Array, ...]   # num_layers x [B, K, S, H]
   lengths: jax.Array         # [B] int32: slots filled; the next write slot
 
   @classmethod
   def init(cls, config: ModelConfig, batch: int, size: int) -> 'KVCache':
-    shape = (batch, size, config.num_kv_heads, config.head_dim)
+    shape = (batch, config.num_kv_heads, size, config.head_dim)
     zeros = lambda: tuple(jnp.zeros(shape, config.jnp_dtype)
                           for _ in range(config.num_layers))
     return cls(k=zeros(), v=zeros(), lengths=jnp.zeros((batch,), jnp.int32))
 
   @property
   def size(self) -> int:
-    return self.k[0].shape[1]
+    return self.k[0].shape[2]
 
 
 def rms_norm(x, scale, eps):
@@ -63,6 +64,27 @@ def apply_rope(x, positions, base, scale=1.0):
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
+
+
+def lm_head(hidden, embedding, chunks: int = 256):
+  """hidden [..., D] @ embedding[V, D]^T -> logits [..., V] float32.
+
+  One row (autoregressive decode at batch 1) is a plain GEMV, memory-bound.
+  For several rows XLA:CPU's skinny GEMM is poor (2 rows cost ~2.4x one);
+  walking the vocabulary in `chunks` slices under lax.map keeps each slice
+  in cache for all rows: measured 1.4-1.5x faster at 5-8 rows on this CPU
+  (python -m experiments.bench_ar prints both).
+  """
+  lead = hidden.shape[:-1]
+  V, D = embedding.shape
+  h = hidden.reshape(-1, D)
+  e = embedding.astype(h.dtype)
+  if h.shape[0] == 1 or V % chunks:
+    out = jnp.einsum('RD,VD->RV', h, e)
+  else:
+    out = jax.lax.map(lambda c: jnp.einsum('RD,CD->RC', h, c), e.reshape(chunks, V // chunks, D))
+    out = out.transpose(1, 0, 2)                                # [R, chunks, V/chunks]
+  return out.reshape(*lead, V).astype(jnp.float32)
 
 
 class RMSNorm(nn.Module):
@@ -108,13 +130,23 @@ class Attention(nn.Module):
     q = apply_rope(q, positions, base, rscale)
     k = apply_rope(k, positions, base, rscale)
 
+    k = k.transpose(0, 2, 1, 3)                                  # [B, K, T, H]
+    v = v.transpose(0, 2, 1, 3)
     if cache_kv is None:
-      keys, values, key_pos = k, v, positions                   # [B, T, K, H]
+      keys, values, key_pos = k, v, positions
     else:
-      write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice(c, u, (i, 0, 0)))
-      keys = write(cache_kv[0], k.astype(cache_kv[0].dtype), lengths)   # [B, S, K, H]
-      values = write(cache_kv[1], v.astype(cache_kv[1].dtype), lengths)
-      key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (B, keys.shape[1]))
+      # Row b writes slots positions[b]; a scatter with in-bounds, unique,
+      # sorted indices updates the loop-carried cache in place (a vmapped
+      # dynamic_update_slice became a full-cache select pass per layer).
+      rows = jnp.arange(B)[:, None, None]
+      heads = jnp.arange(K)[None, :, None]
+      slots = positions[:, None, :]
+      write = lambda c, u: c.at[rows, heads, slots].set(
+          u.astype(c.dtype), mode='promise_in_bounds', unique_indices=True,
+          indices_are_sorted=True)
+      keys = write(cache_kv[0], k)                               # [B, K, S, H]
+      values = write(cache_kv[1], v)
+      key_pos = jnp.broadcast_to(jnp.arange(keys.shape[2]), (B, keys.shape[2]))
 
     # Causal, plus the sliding window on local layers: key j is visible to the
     # query at position p iff j <= p and (global or j > p - window).
@@ -124,11 +156,12 @@ class Attention(nn.Module):
       mask &= k_pos > q_pos - cfg.sliding_window                   # [B, T, S]
 
     q = q.reshape(B, T, K, N // K, H) * (cfg.query_pre_attn_scalar ** -0.5)
-    scores = jnp.einsum('BTKGH,BSKH->BKGTS', q, keys.astype(q.dtype))
+    q = q.transpose(0, 2, 3, 1, 4)                              # [B, K, G, T, H]
+    scores = jnp.einsum('BKGTH,BKSH->BKGTS', q, keys.astype(q.dtype))
     scores = scores.astype(jnp.float32)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-    out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, values.astype(x.dtype))
+    out = jnp.einsum('BKGTS,BKSH->BTKGH', probs, values.astype(x.dtype))
     out = jnp.einsum('BTE,ED->BTD', out.reshape(B, T, N * H), w_out.astype(x.dtype))
     new_kv = None if cache_kv is None else (keys, values)
     return out, new_kv
@@ -183,8 +216,7 @@ class Transformer(nn.Module):
 
   def logits(self, hidden):
     """Tied LM head: [..., D] (final-normed hidden) -> [..., V] float32."""
-    return jnp.einsum('...D,VD->...V', hidden,
-                      self.embedding.astype(hidden.dtype)).astype(jnp.float32)
+    return lm_head(hidden, self.embedding)
 
   def __call__(self, tokens, cache: Optional[KVCache] = None, compute_logits: bool = True):
     """tokens [B, T] -> (logits [B, T, V] | None, hidden [B, T, D], cache).
@@ -212,6 +244,7 @@ class Transformer(nn.Module):
     return logits, hidden, cache
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_params(config: ModelConfig, rng) -> dict:
   """Random parameters (for tests and from-scratch training)."""
   model = Transformer(config)

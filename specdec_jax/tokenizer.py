@@ -80,3 +80,16 @@ def model_proto_from_gguf(tokens: Sequence[str], scores: np.ndarray,
     p = m.pieces.add()
     p.piece, p.score, p.type = piece, float(score), kind
   return m.SerializeToString()
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as ids 3..258 after pad 0, eos 1, bos 2: for tiny test models."""
+  vocab_size = 259
+  pad_id, eos_id, bos_id = 0, 1, 2
+
+  def encode(self, text: str, add_bos: bool = True) -> List[int]:
+    ids = [b + 3 for b in text.encode('utf-8')]
+    return [self.bos_id] + ids if add_bos else ids
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return bytes(int(i) - 3 for i in ids if 3 <= int(i) < 259).decode('utf-8', 'replace')

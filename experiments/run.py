@@ -1,0 +1,43 @@
+"""Runs a job from a config file: python -m experiments.run --config=configs/<x>.py
+
+Overrides: --config.<key>=<value>. Bad input ends with one `error:` line on
+stderr and exit status 2; the job's summary is the last line on stdout.
+"""
+import json
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
+                                          lock_config=True)
+
+
+def _fail(msg: str) -> None:
+  print(f'error: {msg}', file=sys.stderr)
+  sys.exit(2)
+
+
+def main(argv) -> None:
+  try:
+    flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+  except (KeyError, AttributeError, ValueError, TypeError, OSError) as e:
+    _fail(f'bad --config: {e}')
+  config = _CONFIG.value
+  if config is None:
+    _fail('--config=configs/<name>.py is required')
+  from specdec_jax.errors import UserError
+  from specdec_jax import jobs
+  try:
+    summary = jobs.run(config)
+  except UserError as e:
+    _fail(str(e))
+  except KeyboardInterrupt:
+    _fail('interrupted; finished batches are in the output file')
+  print(json.dumps(summary))
+
+
+if __name__ == '__main__':
+  main(sys.argv)

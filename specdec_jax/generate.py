@@ -1,0 +1,172 @@
+"""Autoregressive generation, the whole loop on device.
+
+    gen = Generator(model_config, cache_size=512, greedy=True)
+    batch = make_batch(prompt_ids_list, gen, max_new_tokens=64, seed=0)
+    state = gen.generate(params, batch)          # one jitted lax.while_loop
+
+`Generator` is a frozen dataclass of static, hashable fields (the jit cache
+keys on it): the model config, the cache size, the prompt bucket is the
+prompt array's shape, and whether sampling is greedy. Everything that varies
+per call is an array in `Batch` / `DecodeState` (prompt lengths, token limits,
+temperature, top-k, top-p, PRNG keys), so a new prompt length within a bucket
+or a new temperature reuses the compiled program.
+
+Invariant shared with speculative decoding: row b holds `lengths[b]` tokens in
+`tokens`; the KV cache holds the first `lengths[b] - 1` of them, and the last
+one is *pending* (the next target call feeds it). Prefill therefore runs the
+prompt body without the LM head, and the first step feeds the last prompt token.
+"""
+import dataclasses
+import functools
+from typing import List, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from specdec_jax import sampling
+from specdec_jax.config import ModelConfig
+from specdec_jax.model import KVCache, Transformer
+
+
+@struct.dataclass
+class Batch:
+  """A padded batch of prompts and its per-row settings (all arrays)."""
+  prompts: jax.Array          # [B, P] int32, right-padded; P is the bucket
+  prompt_lengths: jax.Array   # [B] int32, >= 1
+  limits: jax.Array           # [B] int32: max total length (prompt + new tokens)
+  keys: jax.Array             # [B] PRNG keys, one stream per row
+  temperature: jax.Array      # [B] float32; 0 = greedy
+  top_k: jax.Array            # [B] int32; 0 = off
+  top_p: jax.Array            # [B] float32; 1 = off
+  active: jax.Array           # [B] bool; False for rows that only pad the batch
+
+
+@struct.dataclass
+class DecodeState:
+  tokens: jax.Array           # [B, S] int32: prompt then generated; slot == position
+  lengths: jax.Array          # [B] int32: tokens held; the last one is pending
+  done: jax.Array             # [B] bool
+  cache: KVCache              # target cache over tokens[:, :lengths - 1]
+  target_calls: jax.Array     # [B] int32: target calls while the row was active
+  step: jax.Array             # [] int32
+  batch: Batch
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+  """Prompt lengths are padded to powers of two: few shapes, few compiles."""
+  return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class Generator:
+  config: ModelConfig
+  cache_size: int
+  greedy: bool = True
+
+  @property
+  def model(self) -> Transformer:
+    return Transformer(self.config)
+
+  def call_target(self, params, tokens, cache, compute_logits=True):
+    return self.model.apply({'params': params}, tokens, cache,
+                            compute_logits=compute_logits)
+
+  def next_tokens(self, logits, batch: Batch, positions):
+    """Draws each row's next token from logits [B, V] for the given positions."""
+    if self.greedy:
+      return sampling.greedy(logits)
+    probs = sampling.warp(logits, batch.temperature, batch.top_k, batch.top_p)
+    # The key depends on (row stream, position) only: a row's sample is the
+    # same whatever else shares its batch.
+    keys = jax.vmap(jax.random.fold_in)(batch.keys, positions)
+    return sampling.sample(keys, probs)
+
+  @functools.partial(jax.jit, static_argnames=('self',))
+  def prefill(self, params, batch: Batch) -> DecodeState:
+    B, P = batch.prompts.shape
+    cache = KVCache.init(self.config, B, self.cache_size)
+    _, _, cache = self.call_target(params, batch.prompts, cache, compute_logits=False)
+    # Slots past each row's prompt hold padding; they sit beyond every later
+    # query's causal horizon until overwritten.
+    cache = cache.replace(lengths=batch.prompt_lengths - 1)
+    tokens = jnp.zeros((B, self.cache_size), jnp.int32).at[:, :P].set(batch.prompts)
+    return DecodeState(tokens=tokens, lengths=batch.prompt_lengths,
+                       done=~batch.active | (batch.prompt_lengths >= batch.limits),
+                       cache=cache, target_calls=jnp.zeros((B,), jnp.int32),
+                       step=jnp.zeros((), jnp.int32), batch=batch)
+
+  def _step(self, params, state: DecodeState) -> DecodeState:
+    b = state.batch
+    rows = jnp.arange(state.tokens.shape[0])
+    pending = state.tokens[rows, state.lengths - 1]                       # [B]
+    logits, _, cache = self.call_target(params, pending[:, None], state.cache)
+    nxt = self.next_tokens(logits[:, 0], b, state.lengths)               # [B]
+    live = ~state.done
+    tokens = state.tokens.at[rows, state.lengths].set(
+        jnp.where(live, nxt, state.tokens[rows, state.lengths]))
+    lengths = state.lengths + live
+    done = state.done | (live & (nxt == self.config.eos_id)) | (lengths >= b.limits)
+    return state.replace(
+        tokens=tokens, lengths=lengths, done=done,
+        cache=cache.replace(lengths=lengths - 1),
+        target_calls=state.target_calls + live, step=state.step + 1)
+
+  @functools.partial(jax.jit, static_argnames=('self',), donate_argnames=('state',))
+  def step(self, params, state: DecodeState) -> DecodeState:
+    """One token for every unfinished row (for streaming and debugging)."""
+    return self._step(params, state)
+
+  @functools.partial(jax.jit, static_argnames=('self',), donate_argnames=('state',))
+  def decode(self, params, state: DecodeState) -> DecodeState:
+    """Steps until every row is done, in one lax.while_loop."""
+    return jax.lax.while_loop(lambda s: ~jnp.all(s.done),
+                              lambda s: self._step(params, s), state)
+
+  def generate(self, params, batch: Batch) -> DecodeState:
+    return self.decode(params, self.prefill(params, batch))
+
+
+def make_batch(prompts: Sequence[Sequence[int]], *, batch_size: int, bucket_len: int,
+               max_new_tokens: int, keys, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0) -> Batch:
+  """Pads `prompts` (lists of ids, BOS included) into a Batch of `batch_size` rows.
+
+  `keys` is one PRNG key per prompt ([n] typed keys). Rows past len(prompts)
+  repeat the first prompt and are inactive (done from the start).
+  """
+  n = len(prompts)
+  if not 1 <= n <= batch_size:
+    raise ValueError(f'{n} prompts for a batch of {batch_size}')
+  arr = np.zeros((batch_size, bucket_len), np.int32)
+  lengths = np.zeros((batch_size,), np.int32)
+  for i in range(batch_size):
+    p = prompts[i] if i < n else prompts[0]
+    arr[i, :len(p)] = p
+    lengths[i] = len(p)
+  keys = jnp.concatenate([keys, jnp.repeat(keys[:1], batch_size - n)]) if n < batch_size else keys
+  full = lambda v, dt: jnp.full((batch_size,), v, dt)
+  return Batch(prompts=jnp.asarray(arr), prompt_lengths=jnp.asarray(lengths),
+               limits=jnp.asarray(lengths + max_new_tokens),
+               keys=keys, temperature=full(temperature, jnp.float32),
+               top_k=full(top_k, jnp.int32), top_p=full(top_p, jnp.float32),
+               active=jnp.asarray(np.arange(batch_size) < n))
+
+
+def completions(state: DecodeState, eos_id: int) -> List[dict]:
+  """Per active row: completion ids (EOS stripped), finish reason, stats."""
+  tokens = np.asarray(state.tokens)
+  lengths = np.asarray(state.lengths)
+  b = state.batch
+  plen, active = np.asarray(b.prompt_lengths), np.asarray(b.active)
+  calls = np.asarray(state.target_calls)
+  out = []
+  for i in np.flatnonzero(active):
+    ids = tokens[i, plen[i]:lengths[i]].tolist()
+    eos = bool(ids) and ids[-1] == eos_id
+    out.append(dict(prompt_ids=tokens[i, :plen[i]].tolist(),
+                    completion_ids=ids[:-1] if eos else ids,
+                    finish_reason='eos' if eos else 'length',
+                    new_tokens=len(ids), target_calls=int(calls[i])))
+  return out

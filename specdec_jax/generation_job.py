@@ -1,0 +1,180 @@
+"""The generation job: prompts in, a JSONL of completions and a summary out.
+
+    python -m experiments.run --config=configs/generate.py
+
+`run(config)` validates the whole config before loading anything, reads the
+prompts, batches them (sorted by length, each batch padded to a power-of-two
+bucket), compiles each shape once ahead of time (timed as compile_seconds),
+generates, and appends each finished batch to the output JSONL at once, so an
+interrupted run keeps what it finished. It returns the summary dict whose JSON
+the entry point prints as the last stdout line.
+"""
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import List
+
+import jax
+import numpy as np
+
+from specdec_jax import generate as gen_lib
+from specdec_jax.errors import UserError
+from specdec_jax.targets import TARGETS, load_target
+
+DRAFTERS = ('none',)
+DEMO_PROMPTS = [
+    'The capital of France is',
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
+    'Speculative decoding makes large language models faster because',
+]
+
+
+def validate(c) -> None:
+  """Every check that needs no model: bad values fail before the 20 s load."""
+  if c.model not in TARGETS:
+    raise UserError(f'unknown model {c.model!r}; choose one of {", ".join(TARGETS)}')
+  if c.max_new_tokens <= 0:
+    raise UserError(f'max_new_tokens must be > 0, got {c.max_new_tokens}')
+  if not c.temperature >= 0 or math.isinf(c.temperature):
+    raise UserError(f'temperature must be a finite number >= 0, got {c.temperature}')
+  if c.top_k < 0:
+    raise UserError(f'top_k must be >= 0 (0 = off), got {c.top_k}')
+  if not 0 < c.top_p <= 1:
+    raise UserError(f'top_p must be in (0, 1] (1 = off), got {c.top_p}')
+  if c.batch_size < 1:
+    raise UserError(f'batch_size must be >= 1, got {c.batch_size}')
+  if c.num_samples < 1:
+    raise UserError(f'num_samples must be >= 1, got {c.num_samples}')
+  if c.cache_size < 0:
+    raise UserError(f'cache_size must be >= 0 (0 = fit the prompts), got {c.cache_size}')
+  if c.drafter not in DRAFTERS:
+    raise UserError(f'unknown drafter {c.drafter!r}; choose one of {", ".join(DRAFTERS)}')
+  if c.draft_len < 1:
+    raise UserError(f'draft_len must be >= 1, got {c.draft_len}')
+  if c.dtype not in ('float32', 'bfloat16'):
+    raise UserError(f'dtype must be float32 or bfloat16, got {c.dtype!r}')
+  if not c.output:
+    raise UserError('output must name a JSONL file')
+  if c.prompts and not os.path.isfile(c.prompts):
+    raise UserError(f'prompts file not found: {c.prompts}')
+
+
+def read_prompts(path: str) -> List[dict]:
+  """[{'prompt': str} | {'prompt_ids': [int]}] from a JSONL file (or the demo)."""
+  if not path:
+    return [{'prompt': p} for p in DEMO_PROMPTS]
+  out = []
+  with open(path, encoding='utf-8') as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f'{path}:{n}'
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise UserError(f'{where}: not valid JSON ({e.msg})') from None
+      if not isinstance(row, dict) or ('prompt' in row) == ('prompt_ids' in row):
+        raise UserError(f'{where}: each line needs exactly one of "prompt" or "prompt_ids"')
+      if 'prompt' in row:
+        if not isinstance(row['prompt'], str) or not row['prompt']:
+          raise UserError(f'{where}: "prompt" must be a non-empty string')
+      else:
+        ids = row['prompt_ids']
+        if (not isinstance(ids, list) or not ids
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+          raise UserError(f'{where}: "prompt_ids" must be a non-empty list of ints')
+      out.append(row)
+  if not out:
+    raise UserError(f'{path}: no prompts')
+  return out
+
+
+def _round_up(n, m):
+  return -(-n // m) * m
+
+
+def run(c) -> dict:
+  validate(c)
+  rows = read_prompts(c.prompts)
+  t0 = time.perf_counter()
+  target = load_target(c.model, gguf=c.gguf, dtype=c.dtype, seed=c.seed)
+  cfg, tok = target.config, target.tokenizer
+  load_seconds = time.perf_counter() - t0
+
+  prompts = []
+  for i, row in enumerate(rows):
+    ids = row['prompt_ids'] if 'prompt_ids' in row else tok.encode(row['prompt'])
+    bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+    if bad:
+      raise UserError(f'prompt {i}: token id {bad[0]} outside the vocabulary (size {cfg.vocab_size})')
+    prompts.append(ids)
+  longest = max(len(p) for p in prompts)
+  need = gen_lib.bucket(longest) + c.max_new_tokens
+  cache_size = c.cache_size or min(_round_up(need, 128), cfg.max_context)
+  for i, p in enumerate(prompts):
+    if len(p) + c.max_new_tokens > cache_size:
+      raise UserError(f'prompt {i} has {len(p)} tokens; with max_new_tokens='
+                      f'{c.max_new_tokens} it needs a cache of {len(p) + c.max_new_tokens}'
+                      f' > {cache_size} (cache_size; the model allows {cfg.max_context})')
+
+  gen = gen_lib.Generator(cfg, cache_size=cache_size, greedy=c.temperature == 0)
+  jobs = [(i, s) for i in range(len(prompts)) for s in range(c.num_samples)]
+  jobs.sort(key=lambda j: len(prompts[j[0]]))           # similar lengths share a bucket
+  base_key = jax.random.key(c.seed)
+  compiled = {}
+  compile_seconds = gen_seconds = 0.0
+  new_tokens = target_calls = 0
+  out_path = pathlib.Path(c.output)
+  out_path.parent.mkdir(parents=True, exist_ok=True)
+  with out_path.open('w', encoding='utf-8') as out:
+    for start in range(0, len(jobs), c.batch_size):
+      chunk = jobs[start:start + c.batch_size]
+      ids = [prompts[i] for i, _ in chunk]
+      keys = jax.vmap(lambda i, s: jax.random.fold_in(jax.random.fold_in(base_key, i), s))(
+          np.array([i for i, _ in chunk]), np.array([s for _, s in chunk]))
+      batch = gen_lib.make_batch(
+          ids, batch_size=c.batch_size, bucket_len=min(gen_lib.bucket(max(map(len, ids))), cache_size),
+          max_new_tokens=c.max_new_tokens, keys=keys, temperature=c.temperature,
+          top_k=c.top_k, top_p=c.top_p)
+      shape = batch.prompts.shape
+      if shape not in compiled:
+        t = time.perf_counter()
+        prefill = gen.prefill.lower(gen, target.params, batch).compile()
+        state = jax.eval_shape(lambda: prefill(target.params, batch))
+        decode = gen.decode.lower(gen, target.params, state).compile()
+        compiled[shape] = (prefill, decode)
+        compile_seconds += time.perf_counter() - t
+      prefill, decode = compiled[shape]
+      t = time.perf_counter()
+      state = jax.block_until_ready(decode(target.params, prefill(target.params, batch)))
+      seconds = time.perf_counter() - t
+      gen_seconds += seconds
+      for (i, s), r in zip(chunk, gen_lib.completions(state, cfg.eos_id)):
+        new_tokens += r['new_tokens']
+        target_calls += r['target_calls']
+        line = {'index': i, 'sample': s, 'prompt_ids': r['prompt_ids'],
+                'completion_ids': r['completion_ids'],
+                'completion': tok.decode(r['completion_ids']),
+                'finish_reason': r['finish_reason'],
+                'stats': {'new_tokens': r['new_tokens'], 'target_calls': r['target_calls'],
+                          'seconds': round(seconds, 4)}}
+        if 'prompt' in rows[i]:
+          line['prompt'] = rows[i]['prompt']
+        out.write(json.dumps(line) + '\n')
+      out.flush()
+      done = min(start + c.batch_size, len(jobs))
+      print(f'[{done}/{len(jobs)}] {sum(r["new_tokens"] for r in gen_lib.completions(state, cfg.eos_id))}'
+            f' tokens in {seconds:.2f}s', file=sys.stderr, flush=True)
+  return {
+      'model': c.model, 'drafter': c.drafter, 'output': str(out_path),
+      'prompts': len(prompts), 'samples': len(jobs), 'batch_size': c.batch_size,
+      'new_tokens': new_tokens, 'target_calls': target_calls,
+      'mean_accepted_per_call': round(new_tokens / max(target_calls, 1), 4),
+      'tokens_per_second': round(new_tokens / gen_seconds, 3) if gen_seconds else 0.0,
+      'generate_seconds': round(gen_seconds, 3),
+      'compile_seconds': round(compile_seconds, 3), 'load_seconds': round(load_seconds, 3),
+      'cache_size': cache_size,
+  }

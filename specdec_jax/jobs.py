@@ -1,0 +1,10 @@
+"""Dispatches a config to its job by `config.job`."""
+from specdec_jax.errors import UserError
+
+
+def run(config) -> dict:
+  job = config.get('job', '')
+  if job == 'generate':
+    from specdec_jax import generation_job
+    return generation_job.run(config)
+  raise UserError(f'unknown job {job!r}')

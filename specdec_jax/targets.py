@@ -1,0 +1,34 @@
+"""Target models by name: the real Gemma 3 270M, or a tiny random model."""
+import dataclasses
+from typing import Any
+
+import jax
+
+from specdec_jax import config as config_lib
+from specdec_jax.errors import UserError
+from specdec_jax.model import init_params
+from specdec_jax.tokenizer import ByteTokenizer
+
+TARGETS = ('gemma3_270m', 'tiny')
+
+
+@dataclasses.dataclass
+class Target:
+  name: str
+  config: config_lib.ModelConfig
+  params: Any
+  tokenizer: Any
+
+
+def load_target(name: str, *, gguf: str = '', dtype: str = 'float32', seed: int = 0) -> Target:
+  """'gemma3_270m': the packaged GGUF (or `gguf`); 'tiny': random weights, byte tokenizer."""
+  if name == 'gemma3_270m':
+    from specdec_jax.gemma_gguf import load_gemma3
+    cfg, params, tok = load_gemma3(gguf or None, dtype=dtype)
+  elif name == 'tiny':
+    tok = ByteTokenizer()
+    cfg = config_lib.tiny(vocab_size=tok.vocab_size, dtype=dtype, param_dtype=dtype)
+    params = init_params(cfg, jax.random.key(seed))
+  else:
+    raise UserError(f'unknown model {name!r}; choose one of {", ".join(TARGETS)}')
+  return Target(name, cfg, jax.device_put(params), tok)
