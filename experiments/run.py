@@ -23,11 +23,19 @@ def main(argv) -> None:
     flags.FLAGS(argv)
   except flags.Error as e:
     _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-  except (KeyError, AttributeError, ValueError, TypeError, OSError) as e:
-    _fail(f'bad --config: {e}')
-  config = _CONFIG.value
-  if config is None:
-    _fail('--config=configs/<name>.py is required')
+  except (KeyError, AttributeError) as e:
+    # A locked ConfigDict reports an unknown key as AttributeError(KeyError('key')).
+    key = str(e.args[0] if e.args else e).strip('"\'')
+    _fail(f'unknown config key {key!r}; the config file lists the valid keys')
+  except (ValueError, TypeError, OSError) as e:
+    _fail(f'bad --config override: {e}')
+  try:
+    config = _CONFIG.value
+    if config is None:
+      _fail('--config=configs/<name>.py is required')
+    config.get('job')
+  except OSError as e:
+    _fail(f'cannot load the config file: {str(e).splitlines()[-1].strip()}')
   from specdec_jax.errors import UserError
   from specdec_jax import jobs
   try:

@@ -70,10 +70,10 @@ def lm_head(hidden, embedding, chunks: int = 256):
   """hidden [..., D] @ embedding[V, D]^T -> logits [..., V] float32.
 
   One row (autoregressive decode at batch 1) is a plain GEMV, memory-bound.
-  For several rows XLA:CPU's skinny GEMM is poor (2 rows cost ~2.4x one);
+  For several rows XLA:CPU's skinny GEMM is poor (2 rows cost ~2x one);
   walking the vocabulary in `chunks` slices under lax.map keeps each slice
-  in cache for all rows: measured 1.4-1.5x faster at 5-8 rows on this CPU
-  (python -m experiments.bench_ar prints both).
+  in cache for all rows. `python -m experiments.bench_ar` prints both forms
+  side by side (measured here: 1.0-1.3x faster at 2-8 rows, noisy).
   """
   lead = hidden.shape[:-1]
   V, D = embedding.shape

@@ -1,5 +1,6 @@
 """Target models by name: the real Gemma 3 270M, or a tiny random model."""
 import dataclasses
+import sys
 from typing import Any
 
 import jax
@@ -24,7 +25,12 @@ def load_target(name: str, *, gguf: str = '', dtype: str = 'float32', seed: int 
   """'gemma3_270m': the packaged GGUF (or `gguf`); 'tiny': random weights, byte tokenizer."""
   if name == 'gemma3_270m':
     from specdec_jax.gemma_gguf import load_gemma3
+    from specdec_jax.gemma_gguf import terms_dir
     cfg, params, tok = load_gemma3(gguf or None, dtype=dtype)
+    terms = terms_dir()
+    print('Gemma weights: use is subject to the Gemma Terms of Use'
+          + (f' ({terms / "GEMMA_TERMS.html"})' if terms else ' (https://ai.google.dev/gemma/terms)'),
+          file=sys.stderr)
   elif name == 'tiny':
     tok = ByteTokenizer()
     cfg = config_lib.tiny(vocab_size=tok.vocab_size, dtype=dtype, param_dtype=dtype)

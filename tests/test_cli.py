@@ -1,0 +1,104 @@
+"""The generation job end to end through `python -m experiments.run`."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli(*args, timeout=300):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  return subprocess.run([sys.executable, '-m', 'experiments.run', '--config=configs/generate.py',
+                         *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def test_tiny_job_writes_every_line_and_a_summary(tmp_path):
+  prompts = tmp_path / 'p.jsonl'
+  prompts.write_text('{"prompt": "hello"}\n\n{"prompt_ids": [2, 40, 41]}\n{"prompt": "a longer prompt"}\n')
+  out = tmp_path / 'out' / 'o.jsonl'
+  r = cli('--config.model=tiny', f'--config.prompts={prompts}', f'--config.output={out}',
+          '--config.max_new_tokens=5', '--config.num_samples=2', '--config.batch_size=4',
+          '--config.temperature=0.8', '--config.top_k=20')
+  assert r.returncode == 0, r.stderr
+  summary = json.loads(r.stdout.strip().splitlines()[-1])
+  lines = [json.loads(l) for l in out.read_text().splitlines()]
+  assert sorted((l['index'], l['sample']) for l in lines) == [(i, s) for i in range(3) for s in range(2)]
+  for l in lines:
+    assert {'index', 'sample', 'prompt_ids', 'completion_ids', 'completion', 'stats'} <= set(l)
+    assert l['stats']['new_tokens'] <= 5 and l['stats']['target_calls'] == l['stats']['new_tokens']
+  assert [l['prompt_ids'] for l in lines if l['index'] == 1][0] == [2, 40, 41]
+  assert summary['new_tokens'] == sum(l['stats']['new_tokens'] for l in lines)
+  assert summary['target_calls'] == summary['new_tokens']
+  assert summary['mean_accepted_per_call'] == 1.0
+  for key in ('tokens_per_second', 'compile_seconds'):
+    assert summary[key] > 0
+  assert '[6/6]' in r.stderr                                    # progress on stderr
+
+
+BAD = [
+    (['--config.max_new_tokens=0'], 'max_new_tokens'),
+    (['--config.temperature=-0.5'], 'temperature'),
+    (['--config.top_p=0'], 'top_p'),
+    (['--config.top_p=1.2'], 'top_p'),
+    (['--config.top_k=-1'], 'top_k'),
+    (['--config.no_such_key=1'], 'no_such_key'),
+    (['--config.prompts=/nonexistent/prompts.jsonl'], 'not found'),
+    (['--config.drafter=magic'], 'drafter'),
+    (['--config.draft_len=0'], 'draft_len'),
+    (['--config.batch_size=0'], 'batch_size'),
+    (['--config.max_new_tokens=many'], 'max_new_tokens'),
+]
+
+
+@pytest.mark.parametrize('args,needle', BAD)
+def test_bad_input_is_one_clear_line(args, needle):
+  r = cli('--config.model=tiny', *args)
+  assert r.returncode == 2, r.stderr
+  assert r.stderr.count('\n') == 1 and r.stderr.startswith('error:'), r.stderr
+  assert needle in r.stderr and 'Traceback' not in r.stderr
+
+
+@pytest.mark.parametrize('content,needle', [
+    ('{"prompt": "ok"}\n{"prompt": "broken"\n', ':2: not valid JSON'),
+    ('{"prompt": ""}\n', ':1: "prompt" must be a non-empty string'),
+    ('{"prompt_ids": []}\n', ':1: "prompt_ids" must be a non-empty list'),
+    ('{"text": "x"}\n', ':1: each line needs exactly one of'),
+    ('{"prompt_ids": [2, 999999]}\n', 'outside the vocabulary'),
+    ('\n\n', 'no prompts'),
+])
+def test_bad_prompts_file(tmp_path, content, needle):
+  p = tmp_path / 'p.jsonl'
+  p.write_text(content)
+  r = cli('--config.model=tiny', f'--config.prompts={p}', f'--config.output={tmp_path}/o.jsonl')
+  assert r.returncode == 2 and r.stderr.count('\n') == 1, r.stderr
+  assert needle in r.stderr, r.stderr
+
+
+def test_prompt_longer_than_the_cache(tmp_path):
+  p = tmp_path / 'p.jsonl'
+  p.write_text(json.dumps({'prompt_ids': [2] + [50] * 600}) + '\n')
+  r = cli('--config.model=tiny', f'--config.prompts={p}', f'--config.output={tmp_path}/o.jsonl')
+  assert r.returncode == 2 and 'cache' in r.stderr and r.stderr.count('\n') == 1, r.stderr
+
+
+def test_missing_config_file():
+  env = dict(os.environ)
+  r = subprocess.run([sys.executable, '-m', 'experiments.run', '--config=configs/nope.py'],
+                     cwd=ROOT, env=env, capture_output=True, text=True)
+  assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'nope.py' in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_gemma_demo_job(tmp_path):
+  """The README's main job on the real model, shortened."""
+  out = tmp_path / 'o.jsonl'
+  r = cli(f'--config.output={out}', '--config.max_new_tokens=8')
+  assert r.returncode == 0, r.stderr
+  lines = [json.loads(l) for l in out.read_text().splitlines()]
+  assert lines[0]['completion'].startswith(' the capital of')
+  assert json.loads(r.stdout.strip().splitlines()[-1])['new_tokens'] == 24
