@@ -1,12 +1,16 @@
-"""Autoregressive generation, the whole loop on device.
+"""Generation, the whole loop on device: autoregressive or speculative.
 
-    gen = Generator(model_config, cache_size=512, greedy=True)
-    batch = make_batch(prompt_ids_list, gen, max_new_tokens=64, seed=0)
-    state = gen.generate(params, batch)          # one jitted lax.while_loop
+    gen = Generator(model_config, cache_size=512, greedy=True)        # plain AR
+    gen = Generator(model_config, cache_size=512, greedy=True,
+                    drafter=NgramDrafter(4, vocab))                   # speculative
+    batch = make_batch(prompt_ids_list, batch_size=8, bucket_len=64,
+                       max_new_tokens=64, keys=keys)
+    state = gen.generate(params, batch, drafter_params)  # one jitted lax.while_loop
 
 `Generator` is a frozen dataclass of static, hashable fields (the jit cache
-keys on it): the model config, the cache size, the prompt bucket is the
-prompt array's shape, and whether sampling is greedy. Everything that varies
+keys on it): the model config, the cache size, whether sampling is greedy,
+and the drafter (which carries k); the prompt bucket is the prompt array's
+shape. Everything that varies
 per call is an array in `Batch` / `DecodeState` (prompt lengths, token limits,
 temperature, top-k, top-p, PRNG keys), so a new prompt length within a bucket
 or a new temperature reuses the compiled program.
@@ -18,14 +22,14 @@ prompt body without the LM head, and the first step feeds the last prompt token.
 """
 import dataclasses
 import functools
-from typing import List, Sequence
+from typing import Any, List, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from specdec_jax import sampling
+from specdec_jax import rejection, sampling
 from specdec_jax.config import ModelConfig
 from specdec_jax.model import KVCache, Transformer
 
@@ -50,8 +54,10 @@ class DecodeState:
   done: jax.Array             # [B] bool
   cache: KVCache              # target cache over tokens[:, :lengths - 1]
   target_calls: jax.Array     # [B] int32: target calls while the row was active
+  accepted: jax.Array         # [B, k] int32: rounds in which draft i was accepted
   step: jax.Array             # [] int32
   batch: Batch
+  drafter_state: Any = None
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -64,6 +70,11 @@ class Generator:
   config: ModelConfig
   cache_size: int
   greedy: bool = True
+  drafter: Any = None         # None: plain autoregressive decoding
+
+  @property
+  def draft_len(self) -> int:
+    return 0 if self.drafter is None else self.drafter.draft_len
 
   @property
   def model(self) -> Transformer:
@@ -84,7 +95,7 @@ class Generator:
     return sampling.sample(keys, probs)
 
   @functools.partial(jax.jit, static_argnames=('self',))
-  def prefill(self, params, batch: Batch) -> DecodeState:
+  def prefill(self, params, batch: Batch, drafter_params=None) -> DecodeState:
     B, P = batch.prompts.shape
     cache = KVCache.init(self.config, B, self.cache_size)
     _, _, cache = self.call_target(params, batch.prompts, cache, compute_logits=False)
@@ -92,12 +103,16 @@ class Generator:
     # query's causal horizon until overwritten.
     cache = cache.replace(lengths=batch.prompt_lengths - 1)
     tokens = jnp.zeros((B, self.cache_size), jnp.int32).at[:, :P].set(batch.prompts)
+    drafter_state = (None if self.drafter is None else
+                     self.drafter.init_state(drafter_params, batch, self.cache_size))
     return DecodeState(tokens=tokens, lengths=batch.prompt_lengths,
                        done=~batch.active | (batch.prompt_lengths >= batch.limits),
                        cache=cache, target_calls=jnp.zeros((B,), jnp.int32),
-                       step=jnp.zeros((), jnp.int32), batch=batch)
+                       accepted=jnp.zeros((B, self.draft_len), jnp.int32),
+                       step=jnp.zeros((), jnp.int32), batch=batch,
+                       drafter_state=drafter_state)
 
-  def _step(self, params, state: DecodeState) -> DecodeState:
+  def _ar_step(self, params, state: DecodeState) -> DecodeState:
     b = state.batch
     rows = jnp.arange(state.tokens.shape[0])
     pending = state.tokens[rows, state.lengths - 1]                       # [B]
@@ -113,19 +128,69 @@ class Generator:
         cache=cache.replace(lengths=lengths - 1),
         target_calls=state.target_calls + live, step=state.step + 1)
 
-  @functools.partial(jax.jit, static_argnames=('self',), donate_argnames=('state',))
-  def step(self, params, state: DecodeState) -> DecodeState:
-    """One token for every unfinished row (for streaming and debugging)."""
-    return self._step(params, state)
+  def _spec_round(self, params, drafter_params, state: DecodeState) -> DecodeState:
+    """Draft k -> verify k+1 in one target call -> accept per row -> write."""
+    b, k = state.batch, self.draft_len
+    B = state.tokens.shape[0]
+    L = state.lengths
+    live = ~state.done
+    # Keys depend on (row stream, position at round start): reproducible, and
+    # independent of batch composition.
+    keys = jax.vmap(jax.random.fold_in)(b.keys, L)
+    draft_keys, accept_keys = jax.vmap(lambda key: jax.random.split(key))(keys).transpose(1, 0)
+    drafts, q, dstate = self.drafter.draft(drafter_params, state.drafter_state, state.tokens,
+                                           L, draft_keys, b, self.greedy)
+    pending = jnp.take_along_axis(state.tokens, (L - 1)[:, None], axis=1)   # [B, 1]
+    logits, _, cache = self.call_target(params, jnp.concatenate([pending, drafts], 1),
+                                        state.cache)                       # [B, k+1, V]
+    if self.greedy:
+      n, nxt = rejection.accept_greedy(drafts, logits)
+    else:
+      rep = lambda x: jnp.repeat(x, k + 1)
+      p = sampling.warp(logits.reshape(B * (k + 1), -1), rep(b.temperature), rep(b.top_k),
+                        rep(b.top_p)).reshape(B, k + 1, -1)
+      n, nxt = rejection.accept_sampled(accept_keys, drafts, q, p)
+    # Emitted this round: x_1..x_n then the correction / bonus token.
+    slot = jnp.arange(k + 1)
+    emitted = jnp.where(slot < n[:, None], jnp.concatenate([drafts, drafts[:, :1]], 1),
+                        nxt[:, None])                                      # [B, k+1]
+    count = n + 1
+    eos = (emitted == self.config.eos_id) & (slot < count[:, None])
+    hit_eos = jnp.any(eos, axis=1)
+    count = jnp.where(hit_eos, jnp.argmax(eos, axis=1) + 1, count)
+    count = jnp.where(live, jnp.minimum(count, b.limits - L), 0)           # never past the limit
+    rows = jnp.arange(B)[:, None]
+    at = L[:, None] + slot                                                 # [B, k+1]
+    tokens = state.tokens.at[rows, at].set(
+        jnp.where(slot < count[:, None], emitted, state.tokens[rows, at]),
+        mode='promise_in_bounds', unique_indices=True)
+    lengths = L + count
+    done = state.done | (live & hit_eos) | (lengths >= b.limits)
+    accepted = state.accepted + (live[:, None] & (jnp.arange(k) < n[:, None]))
+    return state.replace(
+        tokens=tokens, lengths=lengths, done=done,
+        cache=cache.replace(lengths=lengths - 1),
+        drafter_state=self.drafter.commit(dstate, lengths),
+        target_calls=state.target_calls + live, accepted=accepted, step=state.step + 1)
+
+  def _step(self, params, drafter_params, state):
+    if self.drafter is None:
+      return self._ar_step(params, state)
+    return self._spec_round(params, drafter_params, state)
 
   @functools.partial(jax.jit, static_argnames=('self',), donate_argnames=('state',))
-  def decode(self, params, state: DecodeState) -> DecodeState:
-    """Steps until every row is done, in one lax.while_loop."""
+  def step(self, params, state: DecodeState, drafter_params=None) -> DecodeState:
+    """One round for every unfinished row (for streaming and debugging)."""
+    return self._step(params, drafter_params, state)
+
+  @functools.partial(jax.jit, static_argnames=('self',), donate_argnames=('state',))
+  def decode(self, params, state: DecodeState, drafter_params=None) -> DecodeState:
+    """Rounds until every row is done, in one lax.while_loop."""
     return jax.lax.while_loop(lambda s: ~jnp.all(s.done),
-                              lambda s: self._step(params, s), state)
+                              lambda s: self._step(params, drafter_params, s), state)
 
-  def generate(self, params, batch: Batch) -> DecodeState:
-    return self.decode(params, self.prefill(params, batch))
+  def generate(self, params, batch: Batch, drafter_params=None) -> DecodeState:
+    return self.decode(params, self.prefill(params, batch, drafter_params), drafter_params)
 
 
 def make_batch(prompts: Sequence[Sequence[int]], *, batch_size: int, bucket_len: int,
@@ -161,6 +226,7 @@ def completions(state: DecodeState, eos_id: int) -> List[dict]:
   b = state.batch
   plen, active = np.asarray(b.prompt_lengths), np.asarray(b.active)
   calls = np.asarray(state.target_calls)
+  accepted = np.asarray(state.accepted)
   out = []
   for i in np.flatnonzero(active):
     ids = tokens[i, plen[i]:lengths[i]].tolist()
@@ -168,5 +234,6 @@ def completions(state: DecodeState, eos_id: int) -> List[dict]:
     out.append(dict(prompt_ids=tokens[i, :plen[i]].tolist(),
                     completion_ids=ids[:-1] if eos else ids,
                     finish_reason='eos' if eos else 'length',
-                    new_tokens=len(ids), target_calls=int(calls[i])))
+                    new_tokens=len(ids), target_calls=int(calls[i]),
+                    accepted_by_position=accepted[i].tolist()))
   return out

@@ -1,0 +1,61 @@
+"""The exact acceptance rule of speculative sampling, jit-compatible.
+
+Leviathan et al. 2023 / Chen et al. 2023. The drafter proposed x_1..x_k,
+drawn from q_1..q_k; one target pass gave p_1..p_{k+1}. Accept x_i with
+probability min(1, p_i(x_i) / q_i(x_i)); at the first rejection draw the
+replacement from the residual norm(max(p_i - q_i, 0)); if all k pass, draw a
+bonus token from p_{k+1}. Every row of the batch accepts its own number n of
+drafts and emits n + 1 tokens. The emitted tokens are distributed exactly as
+k+1 autoregressive draws from p. Greedy decoding is the T -> 0 limit: accept
+while x_i is the argmax of p_i, then emit the argmax at the first mismatch.
+
+Depends on nothing else in specdec_jax; p and q arrive already warped
+(temperature / top-k / top-p applied to both by `sampling.warp`).
+"""
+import jax
+import jax.numpy as jnp
+
+
+def _leading_true(accepted):
+  """Number of leading True values per row: [B, k] bool -> [B] int32."""
+  return jnp.sum(jnp.cumprod(accepted.astype(jnp.int32), axis=-1), axis=-1)
+
+
+def accept_greedy(draft_tokens, target_logits):
+  """draft_tokens [B, k], target_logits [B, k+1, V] -> (n [B], next_token [B]).
+
+  n = how many drafts equal the target's argmax; next_token = the target's
+  argmax right after them (the correction, or the bonus token when n = k).
+  """
+  best = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)        # [B, k+1]
+  n = _leading_true(draft_tokens == best[:, :-1])
+  return n, jnp.take_along_axis(best, n[:, None], axis=1)[:, 0]
+
+
+def accept_sampled(keys, draft_tokens, draft_probs, target_probs):
+  """The rejection sampler.
+
+  keys [B] PRNG keys; draft_tokens [B, k]; draft_probs q [B, k, V] (the
+  distributions the drafts were drawn from); target_probs p [B, k+1, V].
+  Returns (n [B] accepted drafts, next_token [B]).
+  """
+  B, k = draft_tokens.shape
+  u_key, r_key = jax.vmap(lambda key: jax.random.split(key))(keys).transpose(1, 0)
+  u = jax.vmap(lambda key: jax.random.uniform(key, (k,)))(u_key)        # [B, k]
+  p_x = jnp.take_along_axis(target_probs[:, :k], draft_tokens[..., None], axis=-1)[..., 0]
+  q_x = jnp.take_along_axis(draft_probs, draft_tokens[..., None], axis=-1)[..., 0]
+  # u < p/q, written without the division (q_x > 0 for a token drawn from q).
+  n = _leading_true(u * q_x < p_x)                                       # [B]
+
+  # The distribution of the token emitted after the n accepted drafts: the
+  # residual at a rejection (n < k), or p_{k+1} itself for the bonus token.
+  p_n = jnp.take_along_axis(target_probs, n[:, None, None], axis=1)[:, 0]          # [B, V]
+  q_pad = jnp.concatenate([draft_probs, jnp.zeros_like(draft_probs[:, :1])], axis=1)
+  q_n = jnp.take_along_axis(q_pad, n[:, None, None], axis=1)[:, 0]                 # [B, V]
+  residual = jnp.maximum(p_n - q_n, 0.0)
+  mass = jnp.sum(residual, axis=-1, keepdims=True)
+  # mass > 0 whenever a rejection happened (p(x) < q(x) there); the guard only
+  # covers float round-off, where p and q agree and p is the right answer.
+  residual = jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p_n)
+  nxt = jax.vmap(jax.random.categorical)(r_key, jnp.log(residual)).astype(jnp.int32)
+  return n, nxt
