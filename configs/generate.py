@@ -31,6 +31,11 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.batch_size = 1
   c.num_samples = 1
   c.cache_size = 0            # KV slots per row; 0 = smallest that fits (x128)
-  c.drafter = 'none'          # none = plain autoregressive
-  c.draft_len = 4
+  c.drafter = 'none'          # none = plain autoregressive | ngram | draft_model
+  c.draft_len = 4             # k: tokens drafted per round
+  c.max_ngram = 3             # ngram: longest suffix matched
+  c.draft_model = 'tiny'      # draft_model: 'tiny' (random 2-layer Gemma) | 'target' (itself)
+  c.draft_vocab_size = 0      # draft_model=tiny: 0 = the target's (must match)
+  c.parallel = 'auto'         # auto | none | pmap | mesh
+  c.num_devices = 0           # 0 = all local devices
   return c

@@ -20,11 +20,16 @@ from typing import List
 import jax
 import numpy as np
 
+from specdec_jax import config as config_lib
+from specdec_jax import drafters, parallel
 from specdec_jax import generate as gen_lib
 from specdec_jax.errors import UserError
+from specdec_jax.model import init_params
 from specdec_jax.targets import TARGETS, load_target
 
-DRAFTERS = ('none',)
+DRAFTERS = ('none', 'ngram', 'draft_model')
+DRAFT_MODELS = ('target', 'tiny')
+PARALLEL = ('auto', 'none', 'pmap', 'mesh')
 DEMO_PROMPTS = [
     'The capital of France is',
     'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
@@ -54,6 +59,14 @@ def validate(c) -> None:
     raise UserError(f'unknown drafter {c.drafter!r}; choose one of {", ".join(DRAFTERS)}')
   if c.draft_len < 1:
     raise UserError(f'draft_len must be >= 1, got {c.draft_len}')
+  if c.draft_model not in DRAFT_MODELS:
+    raise UserError(f'unknown draft_model {c.draft_model!r}; choose one of {", ".join(DRAFT_MODELS)}')
+  if c.max_ngram < 1:
+    raise UserError(f'max_ngram must be >= 1, got {c.max_ngram}')
+  if c.parallel not in PARALLEL:
+    raise UserError(f'unknown parallel mode {c.parallel!r}; choose one of {", ".join(PARALLEL)}')
+  if c.num_devices < 0:
+    raise UserError(f'num_devices must be >= 0 (0 = all), got {c.num_devices}')
   if c.dtype not in ('float32', 'bfloat16'):
     raise UserError(f'dtype must be float32 or bfloat16, got {c.dtype!r}')
   if not c.output:
@@ -92,6 +105,27 @@ def read_prompts(path: str) -> List[dict]:
   return out
 
 
+def make_drafter(c, target):
+  """(drafter, its params) from the config; (None, None) for plain AR."""
+  if c.drafter == 'none':
+    return None, None
+  cfg = target.config
+  try:
+    if c.drafter == 'ngram':
+      return drafters.make_drafter('ngram', draft_len=c.draft_len, target_config=cfg,
+                                   max_ngram=c.max_ngram), None
+    if c.draft_model == 'target':     # the target drafting for itself: always right
+      return drafters.make_drafter('draft_model', draft_len=c.draft_len, target_config=cfg,
+                                   drafter_config=cfg), target.params
+    dcfg = config_lib.tiny(vocab_size=c.draft_vocab_size or cfg.vocab_size, num_layers=2,
+                           dtype=c.dtype, param_dtype=c.dtype)
+    d = drafters.make_drafter('draft_model', draft_len=c.draft_len, target_config=cfg,
+                              drafter_config=dcfg)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  return d, jax.device_put(init_params(dcfg, jax.random.key(c.seed + 1)))
+
+
 def _round_up(n, m):
   return -(-n // m) * m
 
@@ -111,22 +145,34 @@ def run(c) -> dict:
     if bad:
       raise UserError(f'prompt {i}: token id {bad[0]} outside the vocabulary (size {cfg.vocab_size})')
     prompts.append(ids)
+  drafter, drafter_params = make_drafter(c, target)
+  k = 0 if drafter is None else c.draft_len
+  # A round may write k + 1 slots past a row's last token (then rolls back).
+  margin = k + 1 if k else 0
   longest = max(len(p) for p in prompts)
-  need = gen_lib.bucket(longest) + c.max_new_tokens
-  cache_size = c.cache_size or min(_round_up(need, 128), cfg.max_context)
+  need = gen_lib.bucket(longest) + c.max_new_tokens + margin
+  cache_size = c.cache_size or _round_up(need, 128)
+  if cache_size > cfg.max_context + margin:
+    raise UserError(f'a cache of {cache_size} slots exceeds the model context '
+                    f'{cfg.max_context}; lower max_new_tokens or draft_len')
   for i, p in enumerate(prompts):
-    if len(p) + c.max_new_tokens > cache_size:
+    if len(p) + c.max_new_tokens + margin > cache_size:
       raise UserError(f'prompt {i} has {len(p)} tokens; with max_new_tokens='
-                      f'{c.max_new_tokens} it needs a cache of {len(p) + c.max_new_tokens}'
+                      f'{c.max_new_tokens}' + (f' and draft_len={k}' if k else '') +
+                      f' it needs a cache of {len(p) + c.max_new_tokens + margin}'
                       f' > {cache_size} (cache_size; the model allows {cfg.max_context})')
 
-  gen = gen_lib.Generator(cfg, cache_size=cache_size, greedy=c.temperature == 0)
+  gen = gen_lib.Generator(cfg, cache_size=cache_size, greedy=c.temperature == 0,
+                          drafter=drafter)
+  runner = parallel.make_runner(gen, target.params, drafter_params, mode=c.parallel,
+                                num_devices=c.num_devices, batch_size=c.batch_size)
   jobs = [(i, s) for i in range(len(prompts)) for s in range(c.num_samples)]
   jobs.sort(key=lambda j: len(prompts[j[0]]))           # similar lengths share a bucket
   base_key = jax.random.key(c.seed)
   compiled = {}
   compile_seconds = gen_seconds = 0.0
   new_tokens = target_calls = 0
+  accepted_total = np.zeros(k, np.int64)
   out_path = pathlib.Path(c.output)
   out_path.parent.mkdir(parents=True, exist_ok=True)
   with out_path.open('w', encoding='utf-8') as out:
@@ -142,37 +188,41 @@ def run(c) -> dict:
       shape = batch.prompts.shape
       if shape not in compiled:
         t = time.perf_counter()
-        prefill = gen.prefill.lower(gen, target.params, batch).compile()
-        state = jax.eval_shape(lambda: prefill(target.params, batch))
-        decode = gen.decode.lower(gen, target.params, state).compile()
-        compiled[shape] = (prefill, decode)
+        compiled[shape] = runner.compile(batch)
         compile_seconds += time.perf_counter() - t
-      prefill, decode = compiled[shape]
       t = time.perf_counter()
-      state = jax.block_until_ready(decode(target.params, prefill(target.params, batch)))
+      state = jax.block_until_ready(compiled[shape](batch))
       seconds = time.perf_counter() - t
       gen_seconds += seconds
-      for (i, s), r in zip(chunk, gen_lib.completions(state, cfg.eos_id)):
+      results = gen_lib.completions(state, cfg.eos_id)
+      for (i, s), r in zip(chunk, results):
         new_tokens += r['new_tokens']
         target_calls += r['target_calls']
+        accepted_total += np.array(r['accepted_by_position'], np.int64)
         line = {'index': i, 'sample': s, 'prompt_ids': r['prompt_ids'],
                 'completion_ids': r['completion_ids'],
                 'completion': tok.decode(r['completion_ids']),
                 'finish_reason': r['finish_reason'],
                 'stats': {'new_tokens': r['new_tokens'], 'target_calls': r['target_calls'],
+                          'mean_accepted_per_call': round(r['new_tokens'] / max(r['target_calls'], 1), 4),
+                          'acceptance_by_position': [
+                              round(a / max(r['target_calls'], 1), 4) for a in r['accepted_by_position']],
                           'seconds': round(seconds, 4)}}
         if 'prompt' in rows[i]:
           line['prompt'] = rows[i]['prompt']
         out.write(json.dumps(line) + '\n')
       out.flush()
       done = min(start + c.batch_size, len(jobs))
-      print(f'[{done}/{len(jobs)}] {sum(r["new_tokens"] for r in gen_lib.completions(state, cfg.eos_id))}'
+      print(f'[{done}/{len(jobs)}] {sum(r["new_tokens"] for r in results)}'
             f' tokens in {seconds:.2f}s', file=sys.stderr, flush=True)
   return {
       'model': c.model, 'drafter': c.drafter, 'output': str(out_path),
       'prompts': len(prompts), 'samples': len(jobs), 'batch_size': c.batch_size,
       'new_tokens': new_tokens, 'target_calls': target_calls,
       'mean_accepted_per_call': round(new_tokens / max(target_calls, 1), 4),
+      'draft_len': k,
+      'acceptance_by_position': [round(float(a) / max(target_calls, 1), 4) for a in accepted_total],
+      'parallel': runner.mode, 'devices': runner.num_devices,
       'tokens_per_second': round(new_tokens / gen_seconds, 3) if gen_seconds else 0.0,
       'generate_seconds': round(gen_seconds, 3),
       'compile_seconds': round(compile_seconds, 3), 'load_seconds': round(load_seconds, 3),

@@ -1,0 +1,124 @@
+"""Running a Generator on one device, data-parallel with pmap, or on a mesh.
+
+- `none`: one device; prefill and decode compiled ahead of time.
+- `pmap`: the per-shard program (prefill + the whole while_loop) mapped over
+  local devices with `jax.pmap`; the batch is split evenly, params replicated.
+  Each device runs its own loop until its own rows finish.
+- `mesh`: `jax.jit` over a ('data', 'model') mesh with `NamedSharding`: the
+  batch is split over 'data' and the target's big matrices over 'model'
+  (vocabulary rows of the embedding, output columns of qkv / gate_up, input
+  rows of out / down), so a target too large for one core spans several.
+  'data' gets gcd(devices, batch_size) devices, 'model' the rest. Multi-host:
+  when JAX_COORDINATOR_ADDRESS is set, `jax.distributed.initialize()` runs
+  first and the mesh spans every host's devices.
+- `auto`: pmap when there are several devices and the batch divides evenly,
+  otherwise none.
+
+Each runner's `compile(batch)` returns a function batch -> DecodeState with
+the batch axis flat, whatever the mode.
+"""
+import dataclasses
+import math
+import os
+from typing import Any, Callable
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+
+from specdec_jax.errors import UserError
+
+# Which axis of each big matrix the 'model' mesh axis splits (by leaf name).
+_MODEL_AXIS = {'embedding': 0, 'qkv': 1, 'gate_up': 1, 'out': 0, 'down': 0}
+
+
+@dataclasses.dataclass
+class Runner:
+  mode: str
+  num_devices: int
+  compile: Callable[[Any], Callable[[Any], Any]]
+
+
+def _devices(num_devices):
+  if os.environ.get('JAX_COORDINATOR_ADDRESS') and jax.process_count() == 1:
+    jax.distributed.initialize()
+  available = jax.devices()
+  n = num_devices or len(available)
+  if n > len(available):
+    raise UserError(f'num_devices={n} but only {len(available)} device(s) exist')
+  return available[:n]
+
+
+def param_sharding(params, mesh: Mesh):
+  """NamedShardings that split the big matrices over 'model' (when divisible)."""
+  size = mesh.shape['model']
+
+  def spec(path, leaf):
+    name = getattr(path[-1], 'key', None)
+    axis = _MODEL_AXIS.get(name)
+    if axis is None or leaf.shape[axis] % size:
+      return NamedSharding(mesh, P())
+    parts = [None] * leaf.ndim
+    parts[axis] = 'model'
+    return NamedSharding(mesh, P(*parts))
+
+  return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def make_runner(gen, params, drafter_params, *, mode: str, num_devices: int,
+                batch_size: int) -> Runner:
+  devices = _devices(num_devices)
+  n = len(devices)
+  if mode == 'auto':
+    mode = 'pmap' if n > 1 and batch_size % n == 0 else 'none'
+  if mode == 'none':
+    return Runner('none', 1, lambda batch: _compile_single(gen, params, drafter_params, batch))
+  if mode == 'pmap':
+    if batch_size % n:
+      raise UserError(f'batch_size={batch_size} is not divisible by the {n} devices (pmap)')
+    return _pmap_runner(gen, params, drafter_params, devices)
+  return _mesh_runner(gen, params, drafter_params, devices, batch_size)
+
+
+def _compile_single(gen, params, drafter_params, batch):
+  prefill = gen.prefill.lower(gen, params, batch, drafter_params).compile()
+  state = jax.eval_shape(lambda: prefill(params, batch, drafter_params))
+  decode = gen.decode.lower(gen, params, state, drafter_params).compile()
+  return lambda b: decode(params, prefill(params, b, drafter_params), drafter_params)
+
+
+def _pmap_runner(gen, params, drafter_params, devices):
+  n = len(devices)
+  shard = lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:])
+  unshard = lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:]) if x.ndim >= 2 else x
+
+  def per_shard(p, b, dp):
+    return gen.decode(p, gen.prefill(p, b, dp), dp)
+
+  # Params are broadcast (in_axes=None): pmap places a copy on each device.
+  mapped = jax.pmap(per_shard, in_axes=(None, 0, None), devices=devices)
+
+  def compile(batch):
+    sharded = jax.tree.map(shard, batch)
+    fn = mapped.lower(params, sharded, drafter_params).compile()
+    return lambda b: jax.tree.map(unshard, fn(params, jax.tree.map(shard, b), drafter_params))
+
+  return Runner('pmap', n, compile)
+
+
+def _mesh_runner(gen, params, drafter_params, devices, batch_size):
+  n = len(devices)
+  data = math.gcd(n, batch_size)
+  mesh = Mesh(np.array(devices).reshape(data, n // data), ('data', 'model'))
+  params_s = jax.device_put(params, param_sharding(params, mesh))
+  dparams_s = (None if drafter_params is None else
+               jax.device_put(drafter_params, param_sharding(drafter_params, mesh)))
+  rows = NamedSharding(mesh, P('data'))
+  fn = jax.jit(lambda p, b, dp: gen.decode(p, gen.prefill(p, b, dp), dp))
+
+  def compile(batch):
+    put = lambda b: jax.device_put(b, jax.tree.map(lambda _: rows, b))
+    compiled = fn.lower(params_s, put(batch), dparams_s).compile()
+    return lambda b: compiled(params_s, put(b), dparams_s)
+
+  return Runner(f'mesh(data={data},model={n // data})', n, compile)

@@ -1,0 +1,64 @@
+"""pmap over 8 fake CPU devices and the mesh path give the single-device tokens."""
+import jax
+import jax.numpy as jnp
+import pytest
+
+from specdec_jax import drafters, generate, parallel
+from specdec_jax.errors import UserError
+
+PROMPTS = [[2, 10, 11, 12], [2, 7], [2, 20, 21, 22, 23, 24, 25, 26, 27], [2, 5, 9],
+           [2, 3, 3], [2, 4, 4, 4], [2, 30], [2, 31, 32]]
+
+
+def _batch(temperature):
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(8))
+  return generate.make_batch(PROMPTS, batch_size=8, bucket_len=16, max_new_tokens=13,
+                             keys=keys, temperature=temperature)
+
+
+@pytest.mark.parametrize('drafter_kind', ['none', 'ngram', 'draft_model'])
+@pytest.mark.parametrize('temperature', [0.0, 1.0])
+def test_pmap_and_mesh_equal_single_device(tiny, drafter_kind, temperature):
+  assert jax.device_count() == 8, 'conftest sets 8 fake CPU devices'
+  cfg, params = tiny
+  drafter, dparams = {
+      'none': (None, None),
+      'ngram': (drafters.NgramDrafter(3, cfg.vocab_size), None),
+      'draft_model': (drafters.DraftModelDrafter(cfg, 3), params),
+  }[drafter_kind]
+  gen = generate.Generator(cfg, cache_size=64, greedy=temperature == 0, drafter=drafter)
+  batch = _batch(temperature)
+  want = generate.completions(gen.generate(params, batch, dparams), cfg.eos_id)
+  for mode, batch_size in [('pmap', 8), ('mesh', 8), ('mesh', 2)]:
+    # mesh with batch 8: data=8; with a batch of 2 rows per call: data=2, model=4.
+    runner = parallel.make_runner(gen, params, dparams, mode=mode, num_devices=8,
+                                  batch_size=batch_size)
+    if batch_size == 8:
+      got = generate.completions(runner.compile(batch)(batch), cfg.eos_id)
+    else:
+      got = []
+      for start in range(0, 8, 2):
+        sub = jax.tree.map(lambda x: x[start:start + 2], batch)
+        got += generate.completions(runner.compile(sub)(sub), cfg.eos_id)
+    assert [g['completion_ids'] for g in got] == [w['completion_ids'] for w in want], runner.mode
+    assert [g['target_calls'] for g in got] == [w['target_calls'] for w in want], runner.mode
+
+
+def test_param_sharding_splits_the_big_matrices(tiny):
+  cfg, params = tiny
+  mesh = jax.sharding.Mesh(jax.numpy.array(jax.devices()).reshape(2, 4) if False else
+                           __import__('numpy').array(jax.devices()).reshape(2, 4), ('data', 'model'))
+  shardings = parallel.param_sharding(params, mesh)
+  assert shardings['embedding'].spec == jax.sharding.PartitionSpec('model', None)
+  assert shardings['layer_0']['mlp']['down'].spec == jax.sharding.PartitionSpec('model', None)
+  assert shardings['layer_0']['attn']['qkv'].spec == jax.sharding.PartitionSpec(None, 'model')
+  assert shardings['final_norm']['scale'].spec == jax.sharding.PartitionSpec()
+
+
+def test_bad_device_requests(tiny):
+  cfg, params = tiny
+  gen = generate.Generator(cfg, cache_size=64)
+  with pytest.raises(UserError, match='only 8 device'):
+    parallel.make_runner(gen, params, None, mode='pmap', num_devices=16, batch_size=16)
+  with pytest.raises(UserError, match='not divisible'):
+    parallel.make_runner(gen, params, None, mode='pmap', num_devices=8, batch_size=6)
