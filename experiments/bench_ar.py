@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from specdec_jax import generate
-from specdec_jax.model import lm_head
+from specdec_jax.model import linear, lm_head
 from specdec_jax.targets import load_target
 
 _BATCH = flags.DEFINE_list('batch_sizes', ['1', '8'], 'Batch sizes to time.')
@@ -41,12 +41,12 @@ def median_seconds(fn, *args, repeats=20):
 
 def roofline_step_seconds(params, cfg, rows):
   """Sum of the isolated matmul times of one decode step with `rows` rows."""
-  mm = jax.jit(lambda x, w: x @ w)
+  mm = jax.jit(linear)
   total = 0.0
   layer = params['layer_0']
   for w in (layer['attn']['qkv'], layer['attn']['out'], layer['mlp']['gate_up'],
             layer['mlp']['down']):
-    x = jnp.ones((rows, w.shape[0]), w.dtype)
+    x = jnp.ones((rows, w.shape[1]), w.dtype)
     total += cfg.num_layers * median_seconds(mm, x, w)
   h = jnp.ones((rows, cfg.embed_dim), jnp.float32)
   return total + median_seconds(jax.jit(lm_head), h, params['embedding'])

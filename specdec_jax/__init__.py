@@ -1,0 +1,1 @@
+"""specdec_jax: exact speculative decoding with MTP drafters in JAX/Flax."""

@@ -22,7 +22,7 @@ from specdec_jax import config as config_lib
 from specdec_jax.errors import UserError
 from specdec_jax.tokenizer import Tokenizer, model_proto_from_gguf
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 _DEFAULT_CACHE = pathlib.Path(os.environ.get(
     'SPECDEC_CACHE', pathlib.Path.home() / '.cache' / 'specdec_jax'))
 
@@ -113,12 +113,13 @@ def _convert(gguf_path: pathlib.Path):
     flat[p + 'post_ffw_norm/scale'] = g('post_ffw_norm')
     flat[p + 'attn/q_norm'] = g('attn_q_norm')
     flat[p + 'attn/k_norm'] = g('attn_k_norm')
+    # Linear weights keep the GGUF's [out, in] layout (see model.linear).
     flat[p + 'attn/qkv'] = np.concatenate(
-        [g('attn_q'), g('attn_k'), g('attn_v')], axis=0).T        # [D, (N+2K)H]
-    flat[p + 'attn/out'] = g('attn_output').T                   # [NH, D]
+        [g('attn_q'), g('attn_k'), g('attn_v')], axis=0)        # [(N+2K)H, D]
+    flat[p + 'attn/out'] = g('attn_output')                     # [D, NH]
     flat[p + 'mlp/gate_up'] = np.concatenate(
-        [g('ffn_gate'), g('ffn_up')], axis=0).T                 # [D, 2F]
-    flat[p + 'mlp/down'] = g('ffn_down').T                      # [F, D]
+        [g('ffn_gate'), g('ffn_up')], axis=0)                   # [2F, D]
+    flat[p + 'mlp/down'] = g('ffn_down')                        # [D, F]
   if raw:
     raise UserError(f'{gguf_path}: unexpected tensors {sorted(raw)[:5]}')
   flat = {k: np.ascontiguousarray(v) for k, v in flat.items()}

@@ -66,25 +66,34 @@ def apply_rope(x, positions, base, scale=1.0):
   return out.astype(x.dtype)
 
 
-def lm_head(hidden, embedding, chunks: int = 256):
+def linear(x, w):
+  """x [..., I] times a weight stored [O, I] (GGUF / PyTorch layout) -> [..., O].
+
+  Computed as w @ x^T: the weight is the big left operand and the few rows
+  of x the small right one. At one row both orders are the same GEMV; at the
+  k+1 rows of a verify pass XLA:CPU's x @ w packs the whole weight matrix on
+  every call (measured ~3x the memory-bound time per layer), while w @ x^T
+  packs only x. The LM head below is the same product.
+  """
+  lead = x.shape[:-1]
+  xr = x.reshape(-1, x.shape[-1])
+  out = jnp.einsum('OI,RI->OR', w.astype(x.dtype), xr)                    # [O, R]
+  return out.T.reshape(*lead, w.shape[0])
+
+
+def lm_head(hidden, embedding):
   """hidden [..., D] @ embedding[V, D]^T -> logits [..., V] float32.
 
-  One row (autoregressive decode at batch 1) is a plain GEMV, memory-bound.
-  For several rows XLA:CPU's skinny GEMM is poor (2 rows cost ~2x one);
-  walking the vocabulary in `chunks` slices under lax.map keeps each slice
-  in cache for all rows. `python -m experiments.bench_ar` prints both forms
-  side by side (measured here: 1.0-1.3x faster at 2-8 rows, noisy).
+  Written as embedding @ hidden^T ([V, D] x [D, R]): one pass over the 671 MB
+  table serves every row. On XLA:CPU this form keeps the head memory-bound
+  for a handful of rows (verify passes, small batches), where the
+  hidden @ embedding^T form runs a skinny GEMM ~2x slower; at one row both
+  are the same GEMV. `python -m experiments.bench_ar` prints both forms.
   """
   lead = hidden.shape[:-1]
-  V, D = embedding.shape
-  h = hidden.reshape(-1, D)
-  e = embedding.astype(h.dtype)
-  if h.shape[0] == 1 or V % chunks:
-    out = jnp.einsum('RD,VD->RV', h, e)
-  else:
-    out = jax.lax.map(lambda c: jnp.einsum('RD,CD->RC', h, c), e.reshape(chunks, V // chunks, D))
-    out = out.transpose(1, 0, 2)                                # [R, chunks, V/chunks]
-  return out.reshape(*lead, V).astype(jnp.float32)
+  h = hidden.reshape(-1, hidden.shape[-1])
+  out = jnp.einsum('VD,RD->VR', embedding.astype(h.dtype), h)            # [V, R]
+  return out.T.reshape(*lead, embedding.shape[0]).astype(jnp.float32)
 
 
 class RMSNorm(nn.Module):
@@ -113,12 +122,12 @@ class Attention(nn.Module):
     B, T, _ = x.shape
     pd = cfg.jnp_param_dtype
     # One fused projection for q, k, v: a single GEMV per layer when decoding.
-    w_qkv = self.param('qkv', _dense_init(D), (D, (N + 2 * K) * H), pd)
-    w_out = self.param('out', _dense_init(N * H), (N * H, D), pd)
+    w_qkv = self.param('qkv', _dense_init(D), ((N + 2 * K) * H, D), pd)
+    w_out = self.param('out', _dense_init(N * H), (D, N * H), pd)
     q_scale = self.param('q_norm', nn.initializers.ones, (H,), pd)
     k_scale = self.param('k_norm', nn.initializers.ones, (H,), pd)
 
-    qkv = jnp.einsum('BTD,DE->BTE', x, w_qkv.astype(x.dtype))
+    qkv = linear(x, w_qkv)
     q, k, v = jnp.split(qkv, [N * H, (N + K) * H], axis=-1)
     q = rms_norm(q.reshape(B, T, N, H), q_scale, cfg.norm_eps)
     k = rms_norm(k.reshape(B, T, K, H), k_scale, cfg.norm_eps)
@@ -162,7 +171,7 @@ class Attention(nn.Module):
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
     out = jnp.einsum('BKGTS,BKSH->BTKGH', probs, values.astype(x.dtype))
-    out = jnp.einsum('BTE,ED->BTD', out.reshape(B, T, N * H), w_out.astype(x.dtype))
+    out = linear(out.reshape(B, T, N * H), w_out)
     new_kv = None if cache_kv is None else (keys, values)
     return out, new_kv
 
@@ -174,11 +183,11 @@ class MLP(nn.Module):
   def __call__(self, x):
     D, F = self.config.embed_dim, self.config.hidden_dim
     pd = self.config.jnp_param_dtype
-    w_gate_up = self.param('gate_up', _dense_init(D), (D, 2 * F), pd)  # [gate | up]
-    w_down = self.param('down', _dense_init(F), (F, D), pd)
-    gate, up = jnp.split(jnp.einsum('BTD,DF->BTF', x, w_gate_up.astype(x.dtype)), 2, axis=-1)
+    w_gate_up = self.param('gate_up', _dense_init(D), (2 * F, D), pd)  # [gate; up]
+    w_down = self.param('down', _dense_init(F), (D, F), pd)
+    gate, up = jnp.split(linear(x, w_gate_up), 2, axis=-1)
     h = jax.nn.gelu(gate, approximate=True) * up
-    return jnp.einsum('BTF,FD->BTD', h, w_down.astype(x.dtype))
+    return linear(h, w_down)
 
 
 class Block(nn.Module):

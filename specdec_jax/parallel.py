@@ -6,8 +6,8 @@
   Each device runs its own loop until its own rows finish.
 - `mesh`: `jax.jit` over a ('data', 'model') mesh with `NamedSharding`: the
   batch is split over 'data' and the target's big matrices over 'model'
-  (vocabulary rows of the embedding, output columns of qkv / gate_up, input
-  rows of out / down), so a target too large for one core spans several.
+  (vocabulary rows of the embedding, output rows of qkv / gate_up, input
+  columns of out / down), so a target too large for one core spans several.
   'data' gets gcd(devices, batch_size) devices, 'model' the rest. Multi-host:
   when JAX_COORDINATOR_ADDRESS is set, `jax.distributed.initialize()` runs
   first and the mesh spans every host's devices.
@@ -29,7 +29,7 @@ import numpy as np
 from specdec_jax.errors import UserError
 
 # Which axis of each big matrix the 'model' mesh axis splits (by leaf name).
-_MODEL_AXIS = {'embedding': 0, 'qkv': 1, 'gate_up': 1, 'out': 0, 'down': 0}
+_MODEL_AXIS = {'embedding': 0, 'qkv': 0, 'gate_up': 0, 'out': 1, 'down': 1}
 
 
 @dataclasses.dataclass

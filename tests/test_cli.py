@@ -52,6 +52,10 @@ BAD = [
     (['--config.draft_len=0'], 'draft_len'),
     (['--config.batch_size=0'], 'batch_size'),
     (['--config.max_new_tokens=many'], 'max_new_tokens'),
+    (['--config.drafter=draft_model', '--config.draft_vocab_size=100'], 'vocabulary'),
+    (['--config.drafter=ngram', '--config.draft_len=600', '--config.cache_size=256'], 'cache'),
+    (['--config.num_devices=64'], 'device'),
+    (['--config.parallel=pmap', '--config.num_devices=1', '--config.parallel=warp'], 'parallel'),
 ]
 
 
@@ -91,6 +95,28 @@ def test_missing_config_file():
   r = subprocess.run([sys.executable, '-m', 'experiments.run', '--config=configs/nope.py'],
                      cwd=ROOT, env=env, capture_output=True, text=True)
   assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'nope.py' in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize('drafter', ['ngram', 'draft_model'])
+def test_speculative_job_matches_autoregressive(tmp_path, drafter):
+  """Greedy through the CLI: same completions as plain AR, fewer target calls
+  for the target drafting for itself."""
+  outs = {}
+  for name, extra in [('ar', []), ('spec', [f'--config.drafter={drafter}', '--config.draft_len=3',
+                                             '--config.draft_model=target'])]:
+    out = tmp_path / f'{name}.jsonl'
+    r = cli('--config.model=tiny', f'--config.output={out}', '--config.max_new_tokens=11',
+            '--config.batch_size=2', *extra)
+    assert r.returncode == 0, r.stderr
+    outs[name] = ([json.loads(l) for l in out.read_text().splitlines()],
+                  json.loads(r.stdout.strip().splitlines()[-1]))
+  (ar, ar_sum), (spec, spec_sum) = outs['ar'], outs['spec']
+  assert [l['completion_ids'] for l in spec] == [l['completion_ids'] for l in ar]
+  assert len(spec_sum['acceptance_by_position']) == 3 and spec_sum['draft_len'] == 3
+  assert all(len(l['stats']['acceptance_by_position']) == 3 for l in spec)
+  assert spec_sum['mean_accepted_per_call'] == round(spec_sum['new_tokens'] / spec_sum['target_calls'], 4)
+  if drafter == 'draft_model':       # always right: ceil(11 / 4) = 3 calls per prompt
+    assert spec_sum['target_calls'] == 3 * 3 and spec_sum['acceptance_by_position'] == [1.0] * 3
 
 
 @pytest.mark.slow

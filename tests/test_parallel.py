@@ -1,6 +1,7 @@
 """pmap over 8 fake CPU devices and the mesh path give the single-device tokens."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from specdec_jax import drafters, generate, parallel
@@ -46,12 +47,11 @@ def test_pmap_and_mesh_equal_single_device(tiny, drafter_kind, temperature):
 
 def test_param_sharding_splits_the_big_matrices(tiny):
   cfg, params = tiny
-  mesh = jax.sharding.Mesh(jax.numpy.array(jax.devices()).reshape(2, 4) if False else
-                           __import__('numpy').array(jax.devices()).reshape(2, 4), ('data', 'model'))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ('data', 'model'))
   shardings = parallel.param_sharding(params, mesh)
   assert shardings['embedding'].spec == jax.sharding.PartitionSpec('model', None)
-  assert shardings['layer_0']['mlp']['down'].spec == jax.sharding.PartitionSpec('model', None)
-  assert shardings['layer_0']['attn']['qkv'].spec == jax.sharding.PartitionSpec(None, 'model')
+  assert shardings['layer_0']['mlp']['down'].spec == jax.sharding.PartitionSpec(None, 'model')
+  assert shardings['layer_0']['attn']['qkv'].spec == jax.sharding.PartitionSpec('model', None)
   assert shardings['final_norm']['scale'].spec == jax.sharding.PartitionSpec()
 
 
