@@ -149,3 +149,18 @@ def test_sampled_speculative_matches_autoregressive_distribution(temperature, to
     assert stat < chi2_quantile_999(dof), (t, stat, dof)
     power_stat, dof = chi2_stat(np.array([w['completion_ids'][t] for w in wrong]), exact[t])
     assert power_stat > 3 * chi2_quantile_999(dof), (t, power_stat)
+
+
+def test_python_stepper_equals_while_loop_for_speculative(tiny):
+  cfg, params = tiny
+  d = drafters.NgramDrafter(3, cfg.vocab_size)
+  gen = generate.Generator(cfg, cache_size=64, greedy=True, drafter=d)
+  batch = generate.make_batch(PROMPTS, batch_size=5, bucket_len=16, max_new_tokens=9,
+                              keys=jax.random.split(jax.random.key(0), 5))
+  state = gen.prefill(params, batch)
+  rounds = 0
+  while not bool(jnp.all(state.done)):
+    state = gen.step(params, state)
+    rounds += 1
+  assert generate.completions(state, cfg.eos_id) == run(cfg, params, PROMPTS, d, max_new=9)
+  assert rounds == int(np.max([r['target_calls'] for r in generate.completions(state, cfg.eos_id)]))
