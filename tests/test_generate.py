@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from specdec_jax import generate
+from specdec_jax import drafters, generate
 from specdec_jax.model import Transformer
 
 PROMPTS = [[2, 10, 11, 12], [2, 7], [2, 20, 21, 22, 23, 24, 25, 26, 27], [2, 5, 9]]
@@ -114,8 +114,11 @@ def test_no_recompile_within_a_bucket_or_for_new_settings(tiny):
                                 keys=jax.random.split(jax.random.key(n), 2),
                                 temperature=t, top_k=k, top_p=p)
     generate_fn(params, batch)
-    # The jitted methods too, with a fresh but equal Generator each time.
+    # The jitted methods too, with a fresh but equal Generator each time,
+    # plain and speculative.
     generate.Generator(cfg, cache_size=64, greedy=False).generate(params, batch)
+    generate.Generator(cfg, cache_size=64, greedy=False,
+                       drafter=drafters.NgramDrafter(3, cfg.vocab_size)).generate(params, batch)
   after = (generate.Generator.prefill._cache_size(), generate.Generator.decode._cache_size())
-  # At most one new compile each (none if an earlier test compiled this shape).
-  assert after[0] - sizes[0] <= 1 and after[1] - sizes[1] <= 1, (sizes, after)
+  # At most one new compile per generator (none if an earlier test compiled it).
+  assert after[0] - sizes[0] <= 2 and after[1] - sizes[1] <= 2, (sizes, after)
