@@ -59,8 +59,8 @@ class NgramDrafter:
     # suffix[b, i] = tokens[b, L - m + i]: the last m tokens (clamped at 0).
     suffix = jnp.take_along_axis(
         tokens, jnp.clip(lengths[:, None] - m + jnp.arange(m), 0, S - 1), axis=1)   # [B, m]
-    # same[b, i, j]: tokens[b, j + i] == suffix[b, m - n + i] tested for each n
-    # by aligning ends: window of length n ending at j + n - 1 vs the suffix.
+    # For each n, match[b, j] says tokens[b, j : j + n] equals the last n
+    # tokens of the context (suffix[b, m - n:]).
     best_start = jnp.full((B,), -1, jnp.int32)
     for n in range(self.min_ngram, m + 1):
       match = jnp.ones((B, S), bool)

@@ -115,8 +115,7 @@ class Attention(nn.Module):
   is_global: bool
 
   @nn.compact
-  def __call__(self, x, positions, cache_kv: Optional[Tuple[jax.Array, jax.Array]],
-               lengths: Optional[jax.Array]):
+  def __call__(self, x, positions, cache_kv: Optional[Tuple[jax.Array, jax.Array]]):
     cfg = self.config
     N, K, H, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
     B, T, _ = x.shape
@@ -195,11 +194,11 @@ class Block(nn.Module):
   is_global: bool
 
   @nn.compact
-  def __call__(self, x, positions, cache_kv, lengths):
+  def __call__(self, x, positions, cache_kv):
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.norm_eps, cfg.jnp_param_dtype, name=name)
     h, new_kv = Attention(cfg, self.is_global, name='attn')(
-        norm('pre_attn_norm')(x), positions, cache_kv, lengths)
+        norm('pre_attn_norm')(x), positions, cache_kv)
     x = x + norm('post_attn_norm')(h)
     h = MLP(cfg, name='mlp')(norm('pre_ffw_norm')(x))
     x = x + norm('post_ffw_norm')(h)
@@ -242,7 +241,7 @@ class Transformer(nn.Module):
     new_k, new_v = [], []
     for i, block in enumerate(self.blocks):
       kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, new_kv = block(x, positions, kv, offset)
+      x, new_kv = block(x, positions, kv)
       if new_kv is not None:
         new_k.append(new_kv[0])
         new_v.append(new_kv[1])
