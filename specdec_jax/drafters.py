@@ -4,28 +4,46 @@ Every drafter is a frozen, hashable dataclass (static under jit) with:
 
   init_state(params, batch, cache_size) -> state
       after the target's prefill; `batch` holds the prompts.
-  draft(params, state, tokens, lengths, keys, batch, greedy)
+  draft(params, state, tokens, lengths, keys, batch, greedy, target)
       -> (draft_tokens [B, k] int32, draft_probs [B, k, V] | None, state)
       tokens [B, S] is the sequence so far; row b holds lengths[b] tokens and
-      the last is pending (not yet in any cache). In greedy mode probs may be
-      None. Otherwise they must be exactly the (warped) distributions the
-      tokens were sampled from: the rejection sampler's exactness needs it.
+      the last is pending (not yet in any cache). `target` is a TargetView:
+      the target's embedding, its KV cache and its hidden state at the last
+      accepted position (what target-conditioned drafters read). In greedy
+      mode probs may be None. Otherwise they must be exactly the (warped)
+      distributions the tokens were sampled from: the rejection sampler's
+      exactness needs it.
   commit(state, lengths) -> state
       after acceptance: rows now hold `lengths` tokens.
 
-Kinds here: `NgramDrafter` (prompt lookup, no parameters) and
+Kinds here: `NgramDrafter` (prompt lookup, no parameters),
 `DraftModelDrafter` (an independent small Gemma-architecture LM with its own
-KV cache). Drafting runs under `lax.scan` where it is sequential.
+KV cache), and the trained target-conditioned kinds `MTPDrafter` (Gemma 4
+style, recurrent, reads the target's KV cache) and `HeadsDrafter` (k parallel
+heads); their networks live in drafter_models.py. Drafting runs under
+`lax.scan` where it is sequential.
 """
 import dataclasses
+import math
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from specdec_jax import sampling
 from specdec_jax.config import ModelConfig
+from specdec_jax.drafter_models import DrafterConfig, HeadsNet, MTPNet
 from specdec_jax.model import KVCache, Transformer
+
+
+@struct.dataclass
+class TargetView:
+  """What a target-conditioned drafter may read at the start of a round."""
+  embedding: jax.Array   # [V, D] the target's tied embedding table
+  cache: KVCache         # the target's cache: positions 0 .. lengths - 2
+  hidden: jax.Array      # [B, D] final-normed hidden at position lengths - 2
+                         # (the state that predicted the pending token)
 
 
 def _pending(tokens, lengths):
@@ -81,7 +99,7 @@ class NgramDrafter:
                     lengths[:, None] - 1)
     return jnp.take_along_axis(tokens, idx, axis=1).astype(jnp.int32)
 
-  def draft(self, params, state, tokens, lengths, keys, batch, greedy):
+  def draft(self, params, state, tokens, lengths, keys, batch, greedy, target=None):
     drafts = self.propose(tokens, lengths)
     probs = None if greedy else jax.nn.one_hot(drafts, self.vocab_size, dtype=jnp.float32)
     return drafts, probs, state
@@ -111,7 +129,7 @@ class DraftModelDrafter:
   def commit(self, state, lengths):
     return state.replace(lengths=lengths - 1)
 
-  def draft(self, params, state, tokens, lengths, keys, batch, greedy):
+  def draft(self, params, state, tokens, lengths, keys, batch, greedy, target=None):
     def step(carry, i):
       cache, tok = carry
       logits, _, cache = self._apply(params, tok[:, None], cache)
@@ -131,8 +149,100 @@ class DraftModelDrafter:
     return drafts, probs, cache
 
 
+def _pick(logits, vocab, keys, batch, greedy, vocab_size):
+  """Draws from reduced-vocabulary logits [B, R]; returns target ids [B] and
+  the full-vocabulary draft distribution [B, V] (zero outside the subset)."""
+  if greedy:
+    return vocab[jnp.argmax(logits, axis=-1)], None
+  probs = sampling.warp(logits, batch.temperature, batch.top_k, batch.top_p)
+  idx = sampling.sample(keys, probs)
+  full = jnp.zeros((logits.shape[0], vocab_size), jnp.float32)
+  full = full.at[:, vocab].set(probs, unique_indices=True)
+  return vocab[idx], full
+
+
+class _Trained:
+  """Shared parts of the trained drafters: params = {'net': ..., 'vocab': [R]}."""
+
+  def init_state(self, params, batch, cache_size):
+    return ()
+
+  def commit(self, state, lengths):
+    return state
+
+  def _inputs(self, params, tokens, lengths, target):
+    t = self.config.target
+    E = target.embedding
+    sub = jnp.take(E, params['vocab'], axis=0).astype(t.jnp_dtype)        # [R, D]
+    scale = jnp.asarray(math.sqrt(t.embed_dim), t.jnp_dtype)
+    embed = lambda tok: (jnp.take(E, tok, axis=0).astype(t.jnp_dtype) * scale)[:, None, :]
+    return sub, embed
+
+
+@dataclasses.dataclass(frozen=True)
+class MTPDrafter(_Trained):
+  """Gemma-4-style multi-token-prediction drafter (see drafter_models.MTPNet)."""
+  config: DrafterConfig
+  draft_len: int
+
+  def draft(self, params, state, tokens, lengths, keys, batch, greedy, target):
+    cfg = self.config
+    sub, embed = self._inputs(params, tokens, lengths, target)
+    q_pos = (lengths - 1)[:, None]                                       # the pending token
+    kvs = tuple((target.cache.k[l], target.cache.v[l]) for l in cfg.kv_layers)
+    net = MTPNet(cfg)
+
+    def step(carry, i):
+      h, tok = carry
+      h, logits = net.apply({'params': params['net']}, embed(tok), h[:, None], q_pos, kvs, sub)
+      step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, i)
+      nxt, probs = _pick(logits[:, 0], params['vocab'], step_keys, batch, greedy,
+                         cfg.target.vocab_size)
+      return (h[:, 0], nxt), (nxt, probs)
+
+    _, (drafts, probs) = jax.lax.scan(
+        step, (target.hidden, _pending(tokens, lengths)), jnp.arange(self.draft_len))
+    return drafts.T, (None if greedy else probs.transpose(1, 0, 2)), state
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadsDrafter(_Trained):
+  """k parallel heads on one target hidden state (see drafter_models.HeadsNet)."""
+  config: DrafterConfig
+  draft_len: int
+
+  def draft(self, params, state, tokens, lengths, keys, batch, greedy, target):
+    cfg, k = self.config, self.draft_len
+    sub, embed = self._inputs(params, tokens, lengths, target)
+    logits = HeadsNet(cfg).apply({'params': params['net']}, embed(_pending(tokens, lengths)),
+                                 target.hidden[:, None], sub)[:, 0, :k]  # [B, k, R]
+    B = logits.shape[0]
+    # Each head's draw is independent of the others, so q_i is exactly the
+    # distribution token i was drawn from whatever was drawn before it.
+    step_keys = jax.vmap(lambda key: jax.vmap(lambda i: jax.random.fold_in(key, i))(
+        jnp.arange(k)))(keys).reshape(-1)
+    rep = lambda x: jnp.repeat(x, k)
+    flat_batch = batch.replace(temperature=rep(batch.temperature), top_k=rep(batch.top_k),
+                               top_p=rep(batch.top_p))
+    nxt, probs = _pick(logits.reshape(B * k, -1), params['vocab'], step_keys, flat_batch,
+                       greedy, cfg.target.vocab_size)
+    return (nxt.reshape(B, k),
+            None if greedy else probs.reshape(B, k, -1), state)
+
+
+def check_compatible(dcfg: DrafterConfig, target_config: ModelConfig):
+  """Raises ValueError unless a trained drafter fits this target's shapes."""
+  keys = ('vocab_size', 'embed_dim', 'num_layers', 'num_kv_heads', 'head_dim')
+  bad = [f'{k} {getattr(dcfg.target, k)} vs {getattr(target_config, k)}' for k in keys
+         if getattr(dcfg.target, k) != getattr(target_config, k)]
+  if bad:
+    raise ValueError('the drafter was trained for another target (' + ', '.join(bad) + ')')
+
+
 def make_drafter(kind: str, *, draft_len: int, target_config: ModelConfig,
-                 drafter_config: Optional[ModelConfig] = None, max_ngram: int = 3):
+                 drafter_config=None, max_ngram: int = 3):
+  """A drafter of `kind`; `drafter_config` is a ModelConfig for 'draft_model'
+  and a DrafterConfig for 'mtp' / 'heads'."""
   if kind == 'ngram':
     return NgramDrafter(draft_len, target_config.vocab_size, max_ngram=max_ngram)
   if kind == 'draft_model':
@@ -140,4 +250,14 @@ def make_drafter(kind: str, *, draft_len: int, target_config: ModelConfig,
       raise ValueError(f'the drafter vocabulary ({drafter_config.vocab_size}) differs '
                        f"from the target's ({target_config.vocab_size})")
     return DraftModelDrafter(drafter_config, draft_len)
+  if kind in ('mtp', 'heads'):
+    if drafter_config.kind != kind:
+      raise ValueError(f'the checkpoint holds a {drafter_config.kind!r} drafter, not {kind!r}')
+    check_compatible(drafter_config, target_config)
+    if draft_len > drafter_config.max_draft_len:
+      raise ValueError(f'draft_len={draft_len} exceeds the drafter\'s '
+                       f'{drafter_config.max_draft_len} heads')
+    cls = MTPDrafter if kind == 'mtp' else HeadsDrafter
+    # Run at the target's dtypes (the drafter shares its embedding and cache).
+    return cls(dataclasses.replace(drafter_config, target=target_config), draft_len)
   raise ValueError(f'unknown drafter {kind!r}')

@@ -31,6 +31,7 @@ from flax import struct
 
 from specdec_jax import rejection, sampling
 from specdec_jax.config import ModelConfig
+from specdec_jax.drafters import TargetView
 from specdec_jax.model import KVCache, Transformer
 
 
@@ -53,6 +54,8 @@ class DecodeState:
   lengths: jax.Array          # [B] int32: tokens held; the last one is pending
   done: jax.Array             # [B] bool
   cache: KVCache              # target cache over tokens[:, :lengths - 1]
+  hidden: jax.Array           # [B, D] target's final-normed hidden at position
+                              # lengths - 2 (it predicted the pending token)
   target_calls: jax.Array     # [B] int32: target calls while the row was active
   accepted: jax.Array         # [B, k] int32: rounds in which draft i was accepted
   step: jax.Array             # [] int32
@@ -98,7 +101,12 @@ class Generator:
   def prefill(self, params, batch: Batch, drafter_params=None) -> DecodeState:
     B, P = batch.prompts.shape
     cache = KVCache.init(self.config, B, self.cache_size)
-    _, _, cache = self.call_target(params, batch.prompts, cache, compute_logits=False)
+    _, hidden, cache = self.call_target(params, batch.prompts, cache, compute_logits=False)
+    # The state that predicted the pending (last prompt) token; a 1-token
+    # prompt has none, and gets zeros.
+    last = jnp.maximum(batch.prompt_lengths - 2, 0)
+    hidden = jnp.where((batch.prompt_lengths >= 2)[:, None],
+                       jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0], 0)
     # Slots past each row's prompt hold padding; they sit beyond every later
     # query's causal horizon until overwritten.
     cache = cache.replace(lengths=batch.prompt_lengths - 1)
@@ -107,7 +115,7 @@ class Generator:
                      self.drafter.init_state(drafter_params, batch, self.cache_size))
     return DecodeState(tokens=tokens, lengths=batch.prompt_lengths,
                        done=~batch.active | (batch.prompt_lengths >= batch.limits),
-                       cache=cache, target_calls=jnp.zeros((B,), jnp.int32),
+                       cache=cache, hidden=hidden, target_calls=jnp.zeros((B,), jnp.int32),
                        accepted=jnp.zeros((B, self.draft_len), jnp.int32),
                        step=jnp.zeros((), jnp.int32), batch=batch,
                        drafter_state=drafter_state)
@@ -116,15 +124,16 @@ class Generator:
     b = state.batch
     rows = jnp.arange(state.tokens.shape[0])
     pending = state.tokens[rows, state.lengths - 1]                       # [B]
-    logits, _, cache = self.call_target(params, pending[:, None], state.cache)
+    logits, hidden, cache = self.call_target(params, pending[:, None], state.cache)
     nxt = self.next_tokens(logits[:, 0], b, state.lengths)               # [B]
     live = ~state.done
+    hidden = jnp.where(live[:, None], hidden[:, 0], state.hidden)
     tokens = state.tokens.at[rows, state.lengths].set(
         jnp.where(live, nxt, state.tokens[rows, state.lengths]))
     lengths = state.lengths + live
     done = state.done | (live & (nxt == self.config.eos_id)) | (lengths >= b.limits)
     return state.replace(
-        tokens=tokens, lengths=lengths, done=done,
+        tokens=tokens, lengths=lengths, done=done, hidden=hidden,
         cache=cache.replace(lengths=lengths - 1),
         target_calls=state.target_calls + live, step=state.step + 1)
 
@@ -138,10 +147,11 @@ class Generator:
     # independent of batch composition.
     keys = jax.vmap(jax.random.fold_in)(b.keys, L)
     draft_keys, accept_keys = jax.vmap(lambda key: jax.random.split(key))(keys).transpose(1, 0)
+    view = TargetView(embedding=params['embedding'], cache=state.cache, hidden=state.hidden)
     drafts, q, dstate = self.drafter.draft(drafter_params, state.drafter_state, state.tokens,
-                                           L, draft_keys, b, self.greedy)
+                                           L, draft_keys, b, self.greedy, view)
     pending = jnp.take_along_axis(state.tokens, (L - 1)[:, None], axis=1)   # [B, 1]
-    logits, _, cache = self.call_target(params, jnp.concatenate([pending, drafts], 1),
+    logits, hidden, cache = self.call_target(params, jnp.concatenate([pending, drafts], 1),
                                         state.cache)                       # [B, k+1, V]
     if self.greedy:
       n, nxt = rejection.accept_greedy(drafts, logits)
@@ -167,8 +177,12 @@ class Generator:
     lengths = L + count
     done = state.done | (live & hit_eos) | (lengths >= b.limits)
     accepted = state.accepted + (live[:, None] & (jnp.arange(k) < n[:, None]))
+    # The new pending token sits at L + count - 1; the verify pass's state at
+    # the slot before it predicted it.
+    last = jnp.take_along_axis(hidden, jnp.maximum(count - 1, 0)[:, None, None], axis=1)[:, 0]
+    hidden = jnp.where((count > 0)[:, None], last, state.hidden)
     return state.replace(
-        tokens=tokens, lengths=lengths, done=done,
+        tokens=tokens, lengths=lengths, done=done, hidden=hidden,
         cache=cache.replace(lengths=lengths - 1),
         drafter_state=self.drafter.commit(dstate, lengths),
         target_calls=state.target_calls + live, accepted=accepted, step=state.step + 1)

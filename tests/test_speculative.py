@@ -9,6 +9,7 @@ import pytest
 
 from specdec_jax import config as config_lib
 from specdec_jax import drafters, generate
+from specdec_jax.drafter_models import DrafterConfig, init_drafter_params
 from specdec_jax.model import Transformer, init_params
 
 PROMPTS = [[2, 10, 11, 12], [2, 7], [2, 20, 21, 22, 23, 24, 25, 26, 27], [2, 5, 9], [2, 3, 3]]
@@ -29,7 +30,7 @@ class WrongDrafter:
   def commit(self, state, lengths):
     return self.base.commit(state, lengths)
 
-  def draft(self, params, state, tokens, lengths, keys, batch, greedy):
+  def draft(self, params, state, tokens, lengths, keys, batch, greedy, target=None):
     d, q, state = self.base.draft(params, state, tokens, lengths, keys, batch, greedy)
     return (d + 1) % self.base.config.vocab_size, q, state
 
@@ -44,9 +45,21 @@ def run(cfg, params, prompts, drafter=None, drafter_params=None, *, max_new=17, 
   return generate.completions(gen.generate(params, batch, drafter_params), cfg.eos_id)
 
 
+def trained_drafter(cfg, kind, k, seed=0, vocab_size=None):
+  """A randomly initialised mtp / heads drafter over a random reduced vocabulary."""
+  R = vocab_size or (3 * cfg.vocab_size) // 4
+  dcfg = DrafterConfig(kind, cfg, draft_vocab_size=R, width=24, hidden_dim=32,
+                       num_layers=2, num_heads=4, num_draft_heads=max(k, 4))
+  vocab = np.random.default_rng(seed).permutation(cfg.vocab_size)[:R]
+  params = init_drafter_params(dcfg, jax.random.key(seed), vocab)
+  return drafters.make_drafter(kind, draft_len=k, target_config=cfg, drafter_config=dcfg), params
+
+
 def drafter_cases(cfg, params, k):
   other = init_params(cfg, jax.random.key(7))
   return {
+      'mtp': trained_drafter(cfg, 'mtp', k),
+      'heads': trained_drafter(cfg, 'heads', k),
       'ngram': (drafters.NgramDrafter(k, cfg.vocab_size), None),
       'target_itself': (drafters.DraftModelDrafter(cfg, k), params),
       'always_wrong': (WrongDrafter(drafters.DraftModelDrafter(cfg, k)), params),
@@ -123,8 +136,9 @@ def chi2_stat(samples, probs):
   return float(((obs - exp) ** 2 / exp).sum()), int(keep.sum()) - 1
 
 
+@pytest.mark.parametrize('kind', ['draft_model', 'mtp', 'heads'])
 @pytest.mark.parametrize('temperature,top_k,top_p', [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.0, 0, 0.8)])
-def test_sampled_speculative_matches_autoregressive_distribution(temperature, top_k, top_p):
+def test_sampled_speculative_matches_autoregressive_distribution(temperature, top_k, top_p, kind):
   """4096 speculative samples of 3 tokens vs the exact AR marginals.
 
   alpha = 1e-3 per position (chi-square). Power: the same test on samples
@@ -136,10 +150,13 @@ def test_sampled_speculative_matches_autoregressive_distribution(temperature, to
   params = init_params(cfg, jax.random.key(0))
   dparams = init_params(cfg, jax.random.key(3))
   drafter = drafters.DraftModelDrafter(cfg, 2)
+  if kind != 'draft_model':   # q = 0 outside its 12-token vocabulary
+    drafter, dparams_kind = trained_drafter(cfg, kind, 2, seed=3, vocab_size=12)
   prompt, n, N = [2, 5, 9], 3, 4096
   kw = dict(max_new=n, greedy=False, temperature=temperature, top_k=top_k, top_p=top_p,
             cache_size=16)
-  spec = run(cfg, params, [prompt] * N, drafter, dparams, **kw)
+  spec = run(cfg, params, [prompt] * N, drafter,
+             dparams if kind == 'draft_model' else dparams_kind, **kw)
   wrong = run(cfg, dparams, [prompt] * N, None, None, seed=1, **kw)     # the drafter's own AR
   calls = sum(s['target_calls'] for s in spec)
   assert N * n / 3 < calls < N * n                   # some, not all, drafts accepted
