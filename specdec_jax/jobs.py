@@ -7,4 +7,7 @@ def run(config) -> dict:
   if job == 'generate':
     from specdec_jax import generation_job
     return generation_job.run(config)
+  if job == 'train_drafter':
+    from specdec_jax import train
+    return train.run(config)
   raise UserError(f'unknown job {job!r}')
