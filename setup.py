@@ -9,6 +9,7 @@ setup(
     long_description_content_type='text/markdown',
     packages=find_packages(include=['specdec_jax', 'specdec_jax.*', 'experiments',
                                     'experiments.*', 'configs']),
+    package_data={'specdec_jax': ['assets/*/*']},
     python_requires='>=3.10',
     install_requires=[
         'jax>=0.7',

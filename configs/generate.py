@@ -31,7 +31,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.batch_size = 1
   c.num_samples = 1
   c.cache_size = 0            # KV slots per row; 0 = smallest that fits (x128)
-  c.drafter = 'none'          # none = plain autoregressive | ngram | draft_model
+  # auto = the trained MTP drafter shipped for the model (Gemma 3 270M), else none
+  c.drafter = 'auto'          # auto | none (plain autoregressive) | ngram | draft_model | mtp | heads
+  c.drafter_checkpoint = ''   # mtp / heads: a trained drafter's folder; '' = the shipped one
   c.draft_len = 4             # k: tokens drafted per round
   c.max_ngram = 3             # ngram: longest suffix matched
   c.draft_model = 'tiny'      # draft_model: 'tiny' (random 2-layer Gemma) | 'target' (itself)

@@ -25,9 +25,9 @@ from specdec_jax import drafters, parallel
 from specdec_jax import generate as gen_lib
 from specdec_jax.errors import UserError
 from specdec_jax.model import init_params
-from specdec_jax.targets import TARGETS, load_target
+from specdec_jax.targets import check_model_name, load_target
 
-DRAFTERS = ('none', 'ngram', 'draft_model')
+DRAFTERS = ('auto', 'none', 'ngram', 'draft_model', 'mtp', 'heads')
 DRAFT_MODELS = ('target', 'tiny')
 PARALLEL = ('auto', 'none', 'pmap', 'mesh')
 DEMO_PROMPTS = [
@@ -39,8 +39,7 @@ DEMO_PROMPTS = [
 
 def validate(c) -> None:
   """Every check that needs no model: bad values fail before the 20 s load."""
-  if c.model not in TARGETS:
-    raise UserError(f'unknown model {c.model!r}; choose one of {", ".join(TARGETS)}')
+  check_model_name(c.model)
   if c.max_new_tokens <= 0:
     raise UserError(f'max_new_tokens must be > 0, got {c.max_new_tokens}')
   if not c.temperature >= 0 or math.isinf(c.temperature):
@@ -105,13 +104,40 @@ def read_prompts(path: str) -> List[dict]:
   return out
 
 
+def resolve_drafter(c) -> str:
+  """'auto' = the shipped trained drafter for the model if there is one."""
+  if c.drafter != 'auto':
+    return c.drafter
+  return 'mtp' if shipped_drafter(c.model) else 'none'
+
+
+def shipped_drafter(model: str):
+  """The folder of the drafter shipped for `model`, or None."""
+  path = pathlib.Path(__file__).parent / 'assets' / f'{model}_mtp'
+  return path if (path / 'drafter.json').is_file() else None
+
+
 def make_drafter(c, target):
   """(drafter, its params) from the config; (None, None) for plain AR."""
-  if c.drafter == 'none':
+  kind = resolve_drafter(c)
+  if kind == 'none':
     return None, None
   cfg = target.config
+  if kind in ('mtp', 'heads'):
+    from specdec_jax import checkpoints
+    path = c.drafter_checkpoint or shipped_drafter(c.model)
+    if not path:
+      raise UserError(f'no {kind} drafter is shipped for model {c.model!r}; '
+                      'set drafter_checkpoint to a trained one')
+    try:
+      dcfg, params, _ = checkpoints.load_drafter(path, dtype=c.dtype)
+      d = drafters.make_drafter(kind, draft_len=c.draft_len, target_config=cfg,
+                                drafter_config=dcfg)
+    except ValueError as e:         # CheckpointError included
+      raise UserError(str(e)) from None
+    return d, jax.device_put(params)
   try:
-    if c.drafter == 'ngram':
+    if kind == 'ngram':
       return drafters.make_drafter('ngram', draft_len=c.draft_len, target_config=cfg,
                                    max_ngram=c.max_ngram), None
     if c.draft_model == 'target':     # the target drafting for itself: always right
@@ -216,7 +242,7 @@ def run(c) -> dict:
       print(f'[{done}/{len(jobs)}] {sum(r["new_tokens"] for r in results)}'
             f' tokens in {seconds:.2f}s', file=sys.stderr, flush=True)
   return {
-      'model': c.model, 'drafter': c.drafter, 'output': str(out_path),
+      'model': c.model, 'drafter': resolve_drafter(c), 'output': str(out_path),
       'prompts': len(prompts), 'samples': len(jobs), 'batch_size': c.batch_size,
       'new_tokens': new_tokens, 'target_calls': target_calls,
       'mean_accepted_per_call': round(new_tokens / max(target_calls, 1), 4),

@@ -7,6 +7,9 @@ def run(config) -> dict:
   if job == 'generate':
     from specdec_jax import generation_job
     return generation_job.run(config)
+  if job == 'train_target':
+    from specdec_jax import target_training
+    return target_training.run(config)
   if job == 'train_drafter':
     from specdec_jax import train
     return train.run(config)

@@ -13,6 +13,14 @@ from specdec_jax.tokenizer import ByteTokenizer
 TARGETS = ('gemma3_270m', 'tiny')
 
 
+def check_model_name(name: str) -> None:
+  """UserError unless `name` is a known target or a trained target folder."""
+  from specdec_jax import target_training
+  if name not in TARGETS and not target_training.is_target_dir(name):
+    raise UserError(f'unknown model {name!r}; choose one of {", ".join(TARGETS)} '
+                    'or a trained target folder (one with target.json)')
+
+
 @dataclasses.dataclass
 class Target:
   name: str
@@ -22,8 +30,16 @@ class Target:
 
 
 def load_target(name: str, *, gguf: str = '', dtype: str = 'float32', seed: int = 0) -> Target:
-  """'gemma3_270m': the packaged GGUF (or `gguf`); 'tiny': random weights, byte tokenizer."""
-  if name == 'gemma3_270m':
+  """'gemma3_270m': the packaged GGUF (or `gguf`); 'tiny': random weights, byte
+  tokenizer; or the folder of a target trained from scratch (target_training.py)."""
+  from specdec_jax import target_training
+  if target_training.is_target_dir(name):
+    from specdec_jax.checkpoints import CheckpointError
+    try:
+      cfg, params, tok = target_training.load_target_dir(name, dtype=dtype)
+    except CheckpointError as e:
+      raise UserError(str(e)) from None
+  elif name == 'gemma3_270m':
     from specdec_jax.gemma_gguf import load_gemma3
     from specdec_jax.gemma_gguf import terms_dir
     cfg, params, tok = load_gemma3(gguf or None, dtype=dtype)
@@ -36,5 +52,6 @@ def load_target(name: str, *, gguf: str = '', dtype: str = 'float32', seed: int 
     cfg = config_lib.tiny(vocab_size=tok.vocab_size, dtype=dtype, param_dtype=dtype)
     params = init_params(cfg, jax.random.key(seed))
   else:
-    raise UserError(f'unknown model {name!r}; choose one of {", ".join(TARGETS)}')
+    raise UserError(f'unknown model {name!r}; choose one of {", ".join(TARGETS)} '
+                    'or a trained target folder')
   return Target(name, cfg, jax.device_put(params), tok)

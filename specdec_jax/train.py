@@ -93,16 +93,20 @@ def _is_heldout(path: pathlib.Path, fraction: float) -> bool:
 
 
 def build_windows(files, tokenizer, *, seq_len: int, max_tokens: int, heldout_fraction: float,
-                  bos_id: int, pad_id: int):
+                  bos_id: int, pad_id: int, max_windows_per_file: int = 4):
   """-> {'train': (tokens [N, T] int32, lengths [N]), 'heldout': (...)}.
 
   Each file is one document: BOS + its tokens, cut into windows of seq_len
   (later windows start with BOS too, as every prompt does). A tail shorter
-  than seq_len // 4 is dropped, longer ones padded. Stops at max_tokens
-  (train) and max_tokens * heldout_fraction (held-out).
+  than seq_len // 4 is dropped, longer ones padded. At most
+  max_windows_per_file come from one file (variety over depth). Stops at
+  max_tokens (train) and max_tokens * heldout_fraction (held-out).
   """
   out = {'train': ([], []), 'heldout': ([], [])}
   budget = {'train': max_tokens, 'heldout': max(seq_len, int(max_tokens * heldout_fraction))}
+  # A fixed shuffle, so a token budget samples every source (code, prose)
+  # rather than the alphabetically first files.
+  files = [files[i] for i in np.random.default_rng(0).permutation(len(files))]
   for path in files:
     split = 'heldout' if _is_heldout(path, heldout_fraction) else 'train'
     if budget[split] <= 0:
@@ -116,7 +120,7 @@ def build_windows(files, tokenizer, *, seq_len: int, max_tokens: int, heldout_fr
     ids = tokenizer.encode(text)
     ids = ids[1:] if ids and ids[0] == bos_id else ids
     body = seq_len - 1
-    for s in range(0, len(ids), body):
+    for s in range(0, min(len(ids), body * max_windows_per_file), body):
       chunk = ids[s:s + body]
       if len(chunk) < seq_len // 4 or budget[split] <= 0:
         break
@@ -126,6 +130,12 @@ def build_windows(files, tokenizer, *, seq_len: int, max_tokens: int, heldout_fr
       out[split][0].append(row)
       out[split][1].append(1 + len(chunk))
       budget[split] -= 1 + len(chunk)
+  if not out['heldout'][0] and len(out['train'][0]) > 1:
+    # Too few files for the hash split to pick one: hold out the last train
+    # windows (other windows, possibly of the same file).
+    n = max(1, int(len(out['train'][0]) * heldout_fraction))
+    out['heldout'] = (out['train'][0][-n:], out['train'][1][-n:])
+    out['train'] = (out['train'][0][:-n], out['train'][1][:-n])
   result = {}
   for split, (rows, lens) in out.items():
     if not rows:
@@ -158,25 +168,35 @@ class Features:
     return len(self.tokens)
 
 
-def _feature_fn(cfg, kv_layers):
+def _feature_fns(cfg, kv_layers):
+  """Body, head, top-k and logsumexp as separate jitted calls: in one
+  program (even without the head) XLA:CPU took 25 s per 256 rows of real
+  Gemma logits for what takes 0.5 s as separate calls."""
   model = Transformer(cfg)
 
   @jax.jit
-  def fn(params, tokens):
+  def body(params, tokens):
     B, T = tokens.shape
     cache = KVCache.init(cfg, B, T)
     _, hidden, cache = model.apply({'params': params}, tokens, cache, compute_logits=False)
-
-    def head(h):                                                  # one row: [T, D]
-      logits = lm_head(h, params['embedding'])                    # [T, V]
-      top_v, top_i = jax.lax.top_k(logits, TOPK)
-      lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-      return top_i[:, 0], top_i, top_v - lse
-
-    labels, top_i, top_lp = jax.lax.map(head, hidden)
     kv = jnp.stack([jnp.stack([cache.k[l], cache.v[l]], 1) for l in kv_layers], 1)
-    f16 = lambda x: x.astype(jnp.float16)
-    return f16(hidden), labels, top_i, f16(top_lp), f16(kv)
+    return hidden, kv.astype(jnp.float16)
+
+  head = jax.jit(lm_head)                                          # [T, D] -> [T, V]
+  top = jax.jit(lambda logits: jax.lax.top_k(logits, TOPK))
+  lse = jax.jit(lambda logits: jax.nn.logsumexp(logits, axis=-1, keepdims=True))
+
+  def fn(params, tokens):
+    hidden, kv = body(params, tokens)
+    labels, top_i, top_lp = [], [], []
+    for b in range(tokens.shape[0]):
+      logits = head(hidden[b], params['embedding'])
+      v, i = top(logits)
+      labels.append(i[:, 0])
+      top_i.append(i)
+      top_lp.append((v - lse(logits)).astype(jnp.float16))
+    return (hidden.astype(jnp.float16), jnp.stack(labels), jnp.stack(top_i),
+            jnp.stack(top_lp), kv)
 
   return fn
 
@@ -185,13 +205,13 @@ def compute_features(target, windows, kv_layers, directory: pathlib.Path, *,
                      batch_size: int = 4, log=print) -> Features:
   """Runs the frozen target over the windows once; cached in `directory`."""
   names = ('hidden', 'labels', 'top_ids', 'top_logp', 'kv')
-  tokens, lengths = windows
   done = directory / 'done.json'
   if done.is_file():
     arrs = {n: np.load(directory / f'{n}.npy', mmap_mode='r') for n in names}
     return Features(tokens=np.load(directory / 'tokens.npy'), lengths=np.load(directory / 'lengths.npy'),
                     **arrs)
   directory.mkdir(parents=True, exist_ok=True)
+  tokens, lengths = windows
   cfg = target.config
   N, T = tokens.shape
   K, H, D = cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
@@ -200,7 +220,7 @@ def compute_features(target, windows, kv_layers, directory: pathlib.Path, *,
                 kv=((N, len(kv_layers), 2, K, T, H), np.float16))
   out = {n: np.lib.format.open_memmap(directory / f'{n}.npy', mode='w+', dtype=dt, shape=s)
          for n, (s, dt) in shapes.items()}
-  fn = _feature_fn(cfg, tuple(kv_layers))
+  fn = _feature_fns(cfg, tuple(kv_layers))
   t0 = time.time()
   for s in range(0, N, batch_size):
     rows = tokens[s:s + batch_size]
@@ -362,9 +382,8 @@ def drafter_config_from(c, target_config) -> DrafterConfig:
 
 
 def validate(c) -> None:
-  from specdec_jax.targets import TARGETS
-  if c.model not in TARGETS:
-    raise UserError(f'unknown model {c.model!r}; choose one of {", ".join(TARGETS)}')
+  from specdec_jax.targets import check_model_name
+  check_model_name(c.model)
   if c.drafter not in ('mtp', 'heads'):
     raise UserError(f'unknown trainable drafter {c.drafter!r}; choose mtp or heads')
   if c.loss not in LOSSES:
@@ -388,6 +407,9 @@ def validate(c) -> None:
 def _features_key(c, target, files, kv_layers) -> str:
   h = hashlib.sha256()
   cfg = dataclasses.asdict(target.config)
+  from specdec_jax import target_training
+  if target_training.is_target_dir(c.model):     # a retrained folder must not reuse old features
+    h.update(json.loads((pathlib.Path(c.model) / 'target.json').read_text())['sha256'].encode())
   h.update(json.dumps([c.model, c.gguf, c.target_seed if c.model == 'tiny' else 0, cfg,
                        c.seq_len, c.max_tokens, c.heldout_fraction, list(kv_layers), TOPK,
                        [(str(f), f.stat().st_size) for f in files]], sort_keys=True).encode())
@@ -487,6 +509,16 @@ def run(c) -> dict:
   log(f'training {dcfg.kind} drafter ({n_params / 1e6:.2f}M params, {c.loss} loss, depth {c.depth})'
       f' for {c.steps} steps of {c.batch_size} x {T} tokens')
 
+  def log_heldout(step):
+    held = evaluate(eval_fn, state['params'], held_f, c.batch_size, c.eval_rows)
+    accs = ' '.join(f'{held[f"acc_{j + 1}"]:.3f}' for j in range(c.depth))
+    chain = sum(held[f'chain_{j + 1}'] for j in range(c.depth))
+    log(f'  held-out step {step}: loss {held["loss"]:.3f}, accuracy by position {accs}, '
+        f'expected accepted drafts/round {chain:.2f}', kind='heldout', step=step, **held)
+    return held
+
+  if start == 0:
+    log_heldout(0)
   t_loop, t_first, held = time.time(), None, {}
   for step in range(start, c.steps):
     state, m = train_step(state, train_f.rows(batch_rows(step, len(train_f), c.batch_size, c.seed)))
@@ -501,11 +533,7 @@ def run(c) -> dict:
           f'{rate:.2f} s/step, ETA {(c.steps - done) * rate / 60:.1f} min',
           kind='train', step=done, seconds=round(time.time() - t_start, 1), **m)
     if done % c.eval_every == 0 or done == c.steps:
-      held = evaluate(eval_fn, state['params'], held_f, c.batch_size, c.eval_rows)
-      accs = ' '.join(f'{held[f"acc_{j + 1}"]:.3f}' for j in range(c.depth))
-      chain = sum(held[f'chain_{j + 1}'] for j in range(c.depth))
-      log(f'  held-out step {done}: loss {held["loss"]:.3f}, accuracy by position {accs}, '
-          f'expected accepted drafts/round {chain:.2f}', kind='heldout', step=done, **held)
+      held = log_heldout(done)
     if done % c.checkpoint_every == 0 or done == c.steps:
       mgr.save(done, args=ocp.args.StandardSave(state))
       mgr.wait_until_finished()
@@ -516,7 +544,7 @@ def run(c) -> dict:
   mgr.close()
   if start >= c.steps:
     log(f'the run in {workdir} already finished ({start} steps); exporting it')
-    held = evaluate(eval_fn, state['params'], held_f, c.batch_size, c.eval_rows)
+    held = log_heldout(start)
 
   train_seconds = time.time() - t_loop
   params = jax.device_get({'net': state['params'], 'vocab': vocab})

@@ -36,3 +36,35 @@ def test_gemma_greedy_speculative_equals_autoregressive(gemma):
       assert calls == [-(-n // (k + 1))] * len(prompts)
     if name == 'always_wrong':
       assert calls == [n] * len(prompts)
+
+
+def test_shipped_mtp_drafter_loads_drafts_and_is_exact(gemma):
+  """The committed MTP drafter: loads (checksum, shapes, target match), is
+  what configs/generate.py uses by default, and drafts tokens the target
+  accepts, greedy and sampled paths alike."""
+  from specdec_jax import checkpoints
+  from specdec_jax.generation_job import resolve_drafter, shipped_drafter
+  from configs.generate import get_config
+  cfg, params = gemma.config, gemma.params
+  path = shipped_drafter('gemma3_270m')
+  assert path is not None and resolve_drafter(get_config()) == 'mtp'
+  dcfg, dparams, manifest = checkpoints.load_drafter(path)
+  assert manifest['target']['name'] == 'gemma3_270m' and (path / 'NOTICE').is_file()
+  d = drafters.make_drafter('mtp', draft_len=4, target_config=cfg, drafter_config=dcfg)
+  tok = gemma.tokenizer
+  prompts = [tok.encode('def add(a, b):\n    """Return the sum of a and b."""\n'),
+             tok.encode('The quick brown fox jumps over the lazy dog. The quick brown')]
+
+  def run(drafter=None, dp=None, temperature=0.0):
+    gen = generate.Generator(cfg, cache_size=128, greedy=temperature == 0, drafter=drafter)
+    batch = generate.make_batch(prompts, batch_size=2, bucket_len=32, max_new_tokens=24,
+                                keys=jax.random.split(jax.random.key(0), 2),
+                                temperature=temperature)
+    return generate.completions(gen.generate(params, batch, dp), cfg.eos_id)
+
+  ar, sp = run(), run(d, jax.device_put(dparams))
+  assert [r['completion_ids'] for r in sp] == [r['completion_ids'] for r in ar]
+  per_call = sum(r['new_tokens'] for r in sp) / sum(r['target_calls'] for r in sp)
+  assert per_call > 1.5, per_call        # it drafts what Gemma would say
+  sampled = run(d, jax.device_put(dparams), temperature=1.0)
+  assert all(r['new_tokens'] == 24 or r['finish_reason'] == 'eos' for r in sampled)

@@ -1,0 +1,143 @@
+"""Every drafter kind against plain AR on held-out prompts, per domain, Gemma 3 270M.
+
+    python -m experiments.bench_drafters                      # greedy, k=4 (~15 min here)
+    python -m experiments.bench_drafters --temperature=1.0    # sampled
+    python -m experiments.bench_drafters --drafters=mtp --domains=code
+
+Prompts: experiments/prompts/{code,prose}.jsonl (HumanEval stubs and
+fortunes quotations; neither is in the drafter training data; see
+tools/make_prompt_sets.py). For each domain, AR and each drafter run in this
+one process on the same prompts (batch 1, one bucket per domain so each
+mode compiles once; compile time is excluded and printed separately); times
+are the sum over prompts of the median of `repeats` runs. Greedy runs assert
+that every speculative output equals AR's token for token.
+
+Drafters: ngram (prompt lookup), draft_model (an untrained random 2-layer
+Gemma with the full vocabulary: a floor, not a contender), mtp and heads
+(trained checkpoints; mtp defaults to the shipped one). Prints one JSON line
+per (domain, drafter) and then a markdown table.
+"""
+import json
+import pathlib
+import statistics
+import time
+
+from absl import app, flags
+import jax
+import numpy as np
+
+from specdec_jax import checkpoints, drafters, generate
+from specdec_jax import config as config_lib
+from specdec_jax.generation_job import shipped_drafter
+from specdec_jax.model import init_params
+from specdec_jax.targets import load_target
+
+PROMPT_DIR = pathlib.Path(__file__).parent / 'prompts'
+KINDS = ['ngram', 'draft_model', 'mtp', 'heads']
+
+_DOMAINS = flags.DEFINE_list('domains', ['code', 'prose'], 'Prompt sets (experiments/prompts/).')
+_DRAFTERS = flags.DEFINE_list('drafters', KINDS, 'Drafter kinds to compare.')
+_K = flags.DEFINE_integer('draft_len', 4, 'Tokens drafted per round.')
+_NEW = flags.DEFINE_integer('new_tokens', 64, 'New tokens per prompt.')
+_N = flags.DEFINE_integer('prompts', 6, 'Prompts per domain (the first n).')
+_REPEATS = flags.DEFINE_integer('repeats', 1, 'Timed runs per prompt (median).')
+_TEMP = flags.DEFINE_float('temperature', 0.0, '0 = greedy.')
+_MTP = flags.DEFINE_string('mtp', '', 'mtp drafter folder; empty = the shipped one.')
+_HEADS = flags.DEFINE_string('heads', 'outputs/train_heads/drafter', 'heads drafter folder.')
+
+
+def load_prompts(domain, tok, n):
+  rows = [json.loads(l) for l in (PROMPT_DIR / f'{domain}.jsonl').read_text().splitlines()]
+  return [tok.encode(r['prompt']) for r in rows[:n]]
+
+
+def make_drafter(kind, cfg, k):
+  if kind == 'ngram':
+    return drafters.NgramDrafter(k, cfg.vocab_size), None
+  if kind == 'draft_model':
+    dcfg = config_lib.tiny(vocab_size=cfg.vocab_size, num_layers=2)
+    return drafters.DraftModelDrafter(dcfg, k), init_params(dcfg, jax.random.key(1))
+  path = (_MTP.value or shipped_drafter('gemma3_270m')) if kind == 'mtp' else _HEADS.value
+  if not path or not (pathlib.Path(path) / 'drafter.json').is_file():
+    return None, None
+  dcfg, params, _ = checkpoints.load_drafter(path)
+  return (drafters.make_drafter(kind, draft_len=k, target_config=cfg, drafter_config=dcfg),
+          jax.device_put(params))
+
+
+def run_mode(gen, params, dparams, prompts, bucket_len):
+  """(compile s, total s, completions): one compile, then per-prompt medians."""
+  def batch(ids, i):
+    return generate.make_batch([ids], batch_size=1, bucket_len=bucket_len,
+                               max_new_tokens=_NEW.value, keys=jax.random.key(i)[None],
+                               temperature=_TEMP.value)
+  t = time.perf_counter()
+  b0 = batch(prompts[0], 0)
+  pre = gen.prefill.lower(gen, params, b0, dparams).compile()
+  dec = gen.decode.lower(gen, params, jax.eval_shape(lambda: pre(params, b0, dparams)),
+                         dparams).compile()
+  compile_s = time.perf_counter() - t
+  total, rows = 0.0, []
+  for i, ids in enumerate(prompts):
+    b = batch(ids, i)
+    times = []
+    for _ in range(_REPEATS.value):
+      t = time.perf_counter()
+      state = jax.block_until_ready(dec(params, pre(params, b, dparams), dparams))
+      times.append(time.perf_counter() - t)
+    total += statistics.median(times)
+    rows += generate.completions(state, gen.config.eos_id)
+  return compile_s, total, rows
+
+
+def main(_):
+  target = load_target('gemma3_270m')
+  cfg, params, tok = target.config, target.params, target.tokenizer
+  k, greedy = _K.value, _TEMP.value == 0
+  results = []
+  for domain in _DOMAINS.value:
+    prompts = load_prompts(domain, tok, _N.value)
+    bucket_len = generate.bucket(max(map(len, prompts)))
+    cache = -(-(bucket_len + _NEW.value + k + 1) // 128) * 128
+    ar = generate.Generator(cfg, cache_size=cache, greedy=greedy)
+    ar_c, ar_s, ar_rows = run_mode(ar, params, None, prompts, bucket_len)
+    ar_tokens = sum(r['new_tokens'] for r in ar_rows)
+    for kind in _DRAFTERS.value:
+      d, dparams = make_drafter(kind, cfg, k)
+      if d is None:
+        print(json.dumps({'domain': domain, 'drafter': kind, 'skipped': 'no checkpoint'}))
+        continue
+      gen = generate.Generator(cfg, cache_size=cache, greedy=greedy, drafter=d)
+      sp_c, sp_s, rows = run_mode(gen, params, dparams, prompts, bucket_len)
+      tokens = sum(r['new_tokens'] for r in rows)
+      calls = sum(r['target_calls'] for r in rows)
+      identical = [r['completion_ids'] for r in rows] == [r['completion_ids'] for r in ar_rows]
+      if greedy:
+        assert identical, f'{domain}/{kind}: greedy speculative output differs from AR'
+      acc = np.sum([r['accepted_by_position'] for r in rows], axis=0) / calls
+      res = dict(domain=domain, drafter=kind, draft_len=k, temperature=_TEMP.value,
+                 prompts=len(prompts), new_tokens=tokens,
+                 ar_tokens_per_second=round(ar_tokens / ar_s, 2),
+                 spec_tokens_per_second=round(tokens / sp_s, 2),
+                 speedup=round((tokens / sp_s) / (ar_tokens / ar_s), 3),
+                 spec_ms_per_token=round(sp_s / tokens * 1e3, 1),
+                 mean_accepted_per_call=round(tokens / calls, 3),
+                 acceptance_by_position=[round(float(a), 3) for a in acc],
+                 greedy_identical=identical if greedy else None,
+                 compile_seconds=dict(ar=round(ar_c, 1), spec=round(sp_c, 1)))
+      results.append(res)
+      print(json.dumps(res), flush=True)
+  print()
+  print(f'k = {k}, temperature = {_TEMP.value}, {_N.value} prompts x {_NEW.value} new tokens '
+        'per domain, batch 1')
+  print()
+  print('| domain | drafter | AR tok/s | spec tok/s | speedup | tokens/call | acceptance by position |')
+  print('|---|---|---|---|---|---|---|')
+  for r in results:
+    print(f'| {r["domain"]} | {r["drafter"]} | {r["ar_tokens_per_second"]} | '
+          f'{r["spec_tokens_per_second"]} | {r["speedup"]}x | {r["mean_accepted_per_call"]} | '
+          f'{" / ".join(str(a) for a in r["acceptance_by_position"])} |')
+
+
+if __name__ == '__main__':
+  app.run(main)
