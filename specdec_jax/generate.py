@@ -146,10 +146,8 @@ class Generator:
     # Keys depend on (row stream, position at round start): reproducible, and
     # independent of batch composition.
     keys = jax.vmap(jax.random.fold_in)(b.keys, L)
-    draft_keys, accept_keys = jax.vmap(lambda key: jax.random.split(key))(keys).transpose(1, 0)
-    view = TargetView(embedding=params['embedding'], cache=state.cache, hidden=state.hidden)
-    drafts, q, dstate = self.drafter.draft(drafter_params, state.drafter_state, state.tokens,
-                                           L, draft_keys, b, self.greedy, view)
+    accept_keys = jax.vmap(lambda key: jax.random.split(key))(keys)[:, 1]
+    drafts, q, dstate = self._draft(params, drafter_params, state)
     pending = jnp.take_along_axis(state.tokens, (L - 1)[:, None], axis=1)   # [B, 1]
     logits, hidden, cache = self.call_target(params, jnp.concatenate([pending, drafts], 1),
                                         state.cache)                       # [B, k+1, V]
@@ -186,6 +184,29 @@ class Generator:
         cache=cache.replace(lengths=lengths - 1),
         drafter_state=self.drafter.commit(dstate, lengths),
         target_calls=state.target_calls + live, accepted=accepted, step=state.step + 1)
+
+  def _draft(self, params, drafter_params, state: DecodeState):
+    """The draft half of a round: (drafts [B, k], q or None, drafter state)."""
+    b, L = state.batch, state.lengths
+    keys = jax.vmap(jax.random.fold_in)(b.keys, L)
+    draft_keys = jax.vmap(lambda key: jax.random.split(key))(keys)[:, 0]
+    view = TargetView(embedding=params['embedding'], cache=state.cache, hidden=state.hidden)
+    return self.drafter.draft(drafter_params, state.drafter_state, state.tokens, L, draft_keys,
+                              b, self.greedy, view)
+
+  @functools.partial(jax.jit, static_argnames=('self',))
+  def draft_part(self, params, state: DecodeState, drafter_params=None):
+    """The draft half of a round alone, for timing draft vs verify outside
+    the fused loop (where XLA interleaves them)."""
+    drafts, _, _ = self._draft(params, drafter_params, state)
+    return drafts
+
+  @functools.partial(jax.jit, static_argnames=('self',))
+  def verify_part(self, params, state: DecodeState, drafts):
+    """The verify half alone: one target call on the pending token + drafts."""
+    pending = jnp.take_along_axis(state.tokens, (state.lengths - 1)[:, None], axis=1)
+    logits, _, _ = self.call_target(params, jnp.concatenate([pending, drafts], 1), state.cache)
+    return logits
 
   def _step(self, params, drafter_params, state):
     if self.drafter is None:

@@ -196,6 +196,7 @@ def run(c) -> dict:
   jobs.sort(key=lambda j: len(prompts[j[0]]))           # similar lengths share a bucket
   base_key = jax.random.key(c.seed)
   compiled = {}
+  part_ms, total_rounds = None, 0
   compile_seconds = gen_seconds = 0.0
   new_tokens = target_calls = 0
   accepted_total = np.zeros(k, np.int64)
@@ -220,6 +221,12 @@ def run(c) -> dict:
       state = jax.block_until_ready(compiled[shape](batch))
       seconds = time.perf_counter() - t
       gen_seconds += seconds
+      if drafter is not None and runner.mode == 'none' and part_ms is None:
+        t = time.perf_counter()
+        part_ms = time_parts(gen, target.params, drafter_params, state)
+        compile_seconds += time.perf_counter() - t - 10 * sum(part_ms) / 1e3
+      rounds = int(state.step)
+      total_rounds += rounds
       results = gen_lib.completions(state, cfg.eos_id)
       for (i, s), r in zip(chunk, results):
         new_tokens += r['new_tokens']
@@ -234,6 +241,9 @@ def run(c) -> dict:
                           'acceptance_by_position': [
                               round(a / max(r['target_calls'], 1), 4) for a in r['accepted_by_position']],
                           'seconds': round(seconds, 4)}}
+        if part_ms:                     # this row's batch: rounds x measured cost
+          line['stats'].update(draft_seconds=round(rounds * part_ms[0] / 1e3, 4),
+                               verify_seconds=round(rounds * part_ms[1] / 1e3, 4))
         if 'prompt' in rows[i]:
           line['prompt'] = rows[i]['prompt']
         out.write(json.dumps(line) + '\n')
@@ -253,4 +263,26 @@ def run(c) -> dict:
       'generate_seconds': round(gen_seconds, 3),
       'compile_seconds': round(compile_seconds, 3), 'load_seconds': round(load_seconds, 3),
       'cache_size': cache_size,
+      # Draft vs verify: each half timed alone (median of 5) on the first
+      # batch's state, times the rounds run; null for plain AR or pmap/mesh.
+      'draft_ms_per_round': part_ms and round(part_ms[0], 3),
+      'verify_ms_per_round': part_ms and round(part_ms[1], 3),
+      'draft_seconds': part_ms and round(total_rounds * part_ms[0] / 1e3, 3),
+      'verify_seconds': part_ms and round(total_rounds * part_ms[1] / 1e3, 3),
   }
+
+
+def time_parts(gen, params, drafter_params, state, repeats=5):
+  """(draft ms, verify ms) per round, each half compiled and timed alone."""
+  drafts = jax.block_until_ready(gen.draft_part(params, state, drafter_params))
+  jax.block_until_ready(gen.verify_part(params, state, drafts))
+  out = []
+  for fn in (lambda: gen.draft_part(params, state, drafter_params),
+             lambda: gen.verify_part(params, state, drafts)):
+    times = []
+    for _ in range(repeats):
+      t = time.perf_counter()
+      jax.block_until_ready(fn())
+      times.append(time.perf_counter() - t)
+    out.append(float(np.median(times)) * 1e3)
+  return tuple(out)

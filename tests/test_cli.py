@@ -106,7 +106,7 @@ def test_speculative_job_matches_autoregressive(tmp_path, drafter):
                                              '--config.draft_model=target'])]:
     out = tmp_path / f'{name}.jsonl'
     r = cli('--config.model=tiny', f'--config.output={out}', '--config.max_new_tokens=11',
-            '--config.batch_size=2', *extra)
+            '--config.batch_size=2', '--config.parallel=none', *extra)
     assert r.returncode == 0, r.stderr
     outs[name] = ([json.loads(l) for l in out.read_text().splitlines()],
                   json.loads(r.stdout.strip().splitlines()[-1]))
@@ -115,6 +115,10 @@ def test_speculative_job_matches_autoregressive(tmp_path, drafter):
   assert len(spec_sum['acceptance_by_position']) == 3 and spec_sum['draft_len'] == 3
   assert all(len(l['stats']['acceptance_by_position']) == 3 for l in spec)
   assert spec_sum['mean_accepted_per_call'] == round(spec_sum['new_tokens'] / spec_sum['target_calls'], 4)
+  # Draft vs verify time, each half measured alone.
+  assert spec_sum['draft_ms_per_round'] > 0 and spec_sum['verify_ms_per_round'] > 0
+  assert all(l['stats']['draft_seconds'] > 0 and l['stats']['verify_seconds'] > 0 for l in spec)
+  assert ar_sum['draft_seconds'] is None
   if drafter == 'draft_model':       # always right: ceil(11 / 4) = 3 calls per prompt
     assert spec_sum['target_calls'] == 3 * 3 and spec_sum['acceptance_by_position'] == [1.0] * 3
 
