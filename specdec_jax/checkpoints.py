@@ -74,6 +74,7 @@ def save_drafter(directory, dcfg: DrafterConfig, params: dict, *, target: dict,
   npz = d / 'drafter.npz'
   with tempfile.NamedTemporaryFile(dir=d, delete=False) as f:
     f.write(buf.getvalue())
+  os.chmod(f.name, 0o644)
   os.replace(f.name, npz)
   manifest = dict(format=FORMAT, kind=dcfg.kind, config=dcfg.to_dict(),
                   sha256=_sha256(npz), target=target, training=training)
