@@ -26,18 +26,20 @@ class CheckpointError(ValueError):
   pass
 
 
-def _flatten(tree, prefix=''):
+def flatten(tree, prefix=''):
+  """Nested dict of arrays -> {'a/b/c': np.ndarray}."""
   out = {}
   for k, v in tree.items():
     name = f'{prefix}{k}'
     if isinstance(v, dict):
-      out.update(_flatten(v, name + '/'))
+      out.update(flatten(v, name + '/'))
     else:
       out[name] = np.asarray(v)
   return out
 
 
-def _unflatten(flat):
+def unflatten(flat):
+  """{'a/b/c': x} -> nested dict (the inverse of flatten)."""
   tree = {}
   for name, v in flat.items():
     node = tree
@@ -48,7 +50,7 @@ def _unflatten(flat):
   return tree
 
 
-def _sha256(path: pathlib.Path) -> str:
+def sha256_file(path: pathlib.Path) -> str:
   h = hashlib.sha256()
   with open(path, 'rb') as f:
     for chunk in iter(lambda: f.read(1 << 20), b''):
@@ -66,7 +68,7 @@ def save_drafter(directory, dcfg: DrafterConfig, params: dict, *, target: dict,
   """
   d = pathlib.Path(directory)
   d.mkdir(parents=True, exist_ok=True)
-  flat = _flatten(params)
+  flat = flatten(params)
   flat = {k: (v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v)
           for k, v in flat.items()}
   buf = io.BytesIO()
@@ -77,7 +79,7 @@ def save_drafter(directory, dcfg: DrafterConfig, params: dict, *, target: dict,
   os.chmod(f.name, 0o644)
   os.replace(f.name, npz)
   manifest = dict(format=FORMAT, kind=dcfg.kind, config=dcfg.to_dict(),
-                  sha256=_sha256(npz), target=target, training=training)
+                  sha256=sha256_file(npz), target=target, training=training)
   (d / 'drafter.json').write_text(json.dumps(manifest, indent=1) + '\n')
   if notice:
     (d / 'NOTICE').write_text(notice)
@@ -107,7 +109,7 @@ def load_drafter(directory, dtype: str = 'float32'):
   if manifest.get('format') != FORMAT:
     raise CheckpointError(f'drafter checkpoint {d}: format {manifest.get("format")}, '
                           f'this code reads {FORMAT}')
-  actual = _sha256(npz)
+  actual = sha256_file(npz)
   if actual != expected:
     raise CheckpointError(f'drafter checkpoint {d}: drafter.npz is corrupt or truncated '
                           f'(sha256 {actual[:12]}..., manifest says {expected[:12]}...)')
@@ -115,7 +117,7 @@ def load_drafter(directory, dtype: str = 'float32'):
     flat = {k: z[k] for k in z.files}
   flat = {k: (v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v)
           for k, v in flat.items()}
-  params = _unflatten(flat)
+  params = unflatten(flat)
   _check_shapes(d, dcfg, params)
   return dcfg, params, manifest
 

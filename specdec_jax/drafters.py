@@ -25,8 +25,6 @@ heads); their networks live in drafter_models.py. Drafting runs under
 """
 import dataclasses
 import math
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -170,7 +168,7 @@ class _Trained:
   def commit(self, state, lengths):
     return state
 
-  def _inputs(self, params, tokens, lengths, target):
+  def _inputs(self, params, target):
     t = self.config.target
     E = target.embedding
     sub = jnp.take(E, params['vocab'], axis=0).astype(t.jnp_dtype)        # [R, D]
@@ -187,7 +185,7 @@ class MTPDrafter(_Trained):
 
   def draft(self, params, state, tokens, lengths, keys, batch, greedy, target):
     cfg = self.config
-    sub, embed = self._inputs(params, tokens, lengths, target)
+    sub, embed = self._inputs(params, target)
     q_pos = (lengths - 1)[:, None]                                       # the pending token
     kvs = tuple((target.cache.k[l], target.cache.v[l]) for l in cfg.kv_layers)
     net = MTPNet(cfg)
@@ -213,7 +211,7 @@ class HeadsDrafter(_Trained):
 
   def draft(self, params, state, tokens, lengths, keys, batch, greedy, target):
     cfg, k = self.config, self.draft_len
-    sub, embed = self._inputs(params, tokens, lengths, target)
+    sub, embed = self._inputs(params, target)
     logits = HeadsNet(cfg).apply({'params': params['net']}, embed(_pending(tokens, lengths)),
                                  target.hidden[:, None], sub)[:, 0, :k]  # [B, k, R]
     B = logits.shape[0]

@@ -19,6 +19,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from specdec_jax import config as config_lib
+from specdec_jax.checkpoints import unflatten
 from specdec_jax.errors import UserError
 from specdec_jax.tokenizer import Tokenizer, model_proto_from_gguf
 
@@ -126,17 +127,6 @@ def _convert(gguf_path: pathlib.Path):
   return cfg, flat, proto
 
 
-def _unflatten(flat: dict) -> dict:
-  tree = {}
-  for key, value in flat.items():
-    node = tree
-    *parents, leaf = key.split('/')
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[leaf] = value
-  return tree
-
-
 def _check_shapes(cfg: config_lib.ModelConfig, params: dict, source) -> None:
   import jax
   from specdec_jax.model import param_shapes
@@ -189,7 +179,7 @@ def load_gemma3(gguf_path=None, cache_dir=None, dtype: str = 'float32'
       shutil.rmtree(entry, ignore_errors=True)
       raise UserError(f'corrupt params cache {entry} (removed; run again)') from e
     proto = (entry / 'tokenizer.model').read_bytes()
-  params = _unflatten({k: v.astype(dtype, copy=False) for k, v in flat.items()})
+  params = unflatten({k: v.astype(dtype, copy=False) for k, v in flat.items()})
   cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
   _check_shapes(cfg, params, gguf_path)
   return cfg, params, Tokenizer(proto)

@@ -20,7 +20,6 @@ import dataclasses
 import io
 import json
 import pathlib
-import sys
 import time
 
 import jax
@@ -29,7 +28,7 @@ import numpy as np
 import optax
 
 from specdec_jax import config as config_lib
-from specdec_jax.checkpoints import CheckpointError, _flatten, _sha256, _unflatten
+from specdec_jax.checkpoints import CheckpointError, flatten, sha256_file, unflatten
 from specdec_jax.errors import UserError
 from specdec_jax.model import Transformer, init_params
 from specdec_jax.tokenizer import Tokenizer
@@ -72,10 +71,10 @@ def train_tokenizer(files, vocab_size: int, max_chars: int) -> Tokenizer:
 def save_target(directory, cfg, params, tokenizer_proto: bytes, training: dict):
   d = pathlib.Path(directory)
   d.mkdir(parents=True, exist_ok=True)
-  np.savez(d / 'params.npz', **_flatten(jax.device_get(params)))
+  np.savez(d / 'params.npz', **flatten(jax.device_get(params)))
   (d / 'tokenizer.model').write_bytes(tokenizer_proto)
   manifest = dict(format=FORMAT, config=dataclasses.asdict(cfg),
-                  sha256=_sha256(d / 'params.npz'), training=training)
+                  sha256=sha256_file(d / 'params.npz'), training=training)
   (d / 'target.json').write_text(json.dumps(manifest, indent=1) + '\n')
   return d
 
@@ -95,10 +94,10 @@ def load_target_dir(directory, dtype: str = 'float32'):
     cfg = config_lib.ModelConfig(**manifest['config']).replace(dtype=dtype, param_dtype=dtype)
   except (ValueError, KeyError, TypeError) as e:
     raise CheckpointError(f'target folder {d}: unreadable target.json ({e})') from None
-  if _sha256(d / 'params.npz') != manifest.get('sha256'):
+  if sha256_file(d / 'params.npz') != manifest.get('sha256'):
     raise CheckpointError(f'target folder {d}: params.npz is corrupt or truncated')
   with np.load(d / 'params.npz') as z:
-    params = _unflatten({k: z[k].astype(dtype) for k in z.files})
+    params = unflatten({k: z[k].astype(dtype) for k in z.files})
   return cfg, params, Tokenizer((d / 'tokenizer.model').read_bytes())
 
 

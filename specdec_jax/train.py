@@ -52,6 +52,9 @@ from specdec_jax.errors import UserError
 from specdec_jax.model import KVCache, Transformer, lm_head
 
 TOPK = 16
+# Part of the feature cache key: bump it when the windowing or the feature
+# computation changes, so no stale features are reused.
+FEATURES_VERSION = 2
 
 
 def default_cache_root() -> pathlib.Path:
@@ -410,7 +413,7 @@ def _features_key(c, target, files, kv_layers) -> str:
   from specdec_jax import target_training
   if target_training.is_target_dir(c.model):     # a retrained folder must not reuse old features
     h.update(json.loads((pathlib.Path(c.model) / 'target.json').read_text())['sha256'].encode())
-  h.update(json.dumps([c.model, c.gguf, c.target_seed if c.model == 'tiny' else 0, cfg,
+  h.update(json.dumps([FEATURES_VERSION, c.model, c.gguf, c.target_seed if c.model == 'tiny' else 0, cfg,
                        c.seq_len, c.max_tokens, c.heldout_fraction, list(kv_layers), TOPK,
                        [(str(f), f.stat().st_size) for f in files]], sort_keys=True).encode())
   return h.hexdigest()[:20]
