@@ -14,7 +14,7 @@ that every speculative output equals AR's token for token.
 
 Drafters: ngram (prompt lookup), draft_model (an untrained random 2-layer
 Gemma with the full vocabulary: a floor, not a contender), mtp and heads
-(trained checkpoints; mtp defaults to the shipped one). Prints one JSON line
+(trained checkpoints; the shipped ones by default). Prints one JSON line
 per (domain, drafter) and then a markdown table.
 """
 import json
@@ -43,7 +43,7 @@ _N = flags.DEFINE_integer('prompts', 6, 'Prompts per domain (the first n).')
 _REPEATS = flags.DEFINE_integer('repeats', 1, 'Timed runs per prompt (median).')
 _TEMP = flags.DEFINE_float('temperature', 0.0, '0 = greedy.')
 _MTP = flags.DEFINE_string('mtp', '', 'mtp drafter folder; empty = the shipped one.')
-_HEADS = flags.DEFINE_string('heads', 'outputs/train_heads/drafter', 'heads drafter folder.')
+_HEADS = flags.DEFINE_string('heads', '', 'heads drafter folder; empty = the shipped one.')
 
 
 def load_prompts(domain, tok, n):
@@ -57,7 +57,7 @@ def make_drafter(kind, cfg, k):
   if kind == 'draft_model':
     dcfg = config_lib.tiny(vocab_size=cfg.vocab_size, num_layers=2)
     return drafters.DraftModelDrafter(dcfg, k), init_params(dcfg, jax.random.key(1))
-  path = (_MTP.value or shipped_drafter('gemma3_270m')) if kind == 'mtp' else _HEADS.value
+  path = (_MTP.value if kind == 'mtp' else _HEADS.value) or shipped_drafter('gemma3_270m', kind)
   if not path or not (pathlib.Path(path) / 'drafter.json').is_file():
     return None, None
   dcfg, params, _ = checkpoints.load_drafter(path)

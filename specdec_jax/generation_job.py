@@ -111,9 +111,9 @@ def resolve_drafter(c) -> str:
   return 'mtp' if shipped_drafter(c.model) else 'none'
 
 
-def shipped_drafter(model: str):
-  """The folder of the drafter shipped for `model`, or None."""
-  path = pathlib.Path(__file__).parent / 'assets' / f'{model}_mtp'
+def shipped_drafter(model: str, kind: str = 'mtp'):
+  """The folder of the `kind` drafter shipped for `model`, or None."""
+  path = pathlib.Path(__file__).parent / 'assets' / f'{model}_{kind}'
   return path if (path / 'drafter.json').is_file() else None
 
 
@@ -125,7 +125,7 @@ def make_drafter(c, target):
   cfg = target.config
   if kind in ('mtp', 'heads'):
     from specdec_jax import checkpoints
-    path = c.drafter_checkpoint or shipped_drafter(c.model)
+    path = c.drafter_checkpoint or shipped_drafter(c.model, kind)
     if not path:
       raise UserError(f'no {kind} drafter is shipped for model {c.model!r}; '
                       'set drafter_checkpoint to a trained one')
