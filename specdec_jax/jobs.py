@@ -13,4 +13,7 @@ def run(config) -> dict:
   if job == 'train_drafter':
     from specdec_jax import train
     return train.run(config)
+  if job == 'sweep':
+    from specdec_jax import sweep
+    return sweep.run(config)
   raise UserError(f'unknown job {job!r}')

@@ -1,0 +1,608 @@
+"""Ablation sweeps: the tables and plots of a paper's ablation section, one command.
+
+    python -m experiments.run --config=configs/ablate.py:quick
+
+A sweep is the product domains x temperatures x batch sizes x drafters x
+draft lengths, with plain AR measured in the same process for every
+(domain, temperature, batch size). Each compiled shape is built once and
+reused: the key is (drafter, k, greedy, batch size); all domains share one
+prompt bucket and one cache size, and temperature is an array, so T = 0.7
+and T = 1.0 share a program (`compiles` in the summary counts them).
+
+Per point it measures generation time (prefill + decode, median of
+`repeats` per batch), tokens, target calls, per-position acceptance; the
+costs behind the Leviathan et al. prediction (the AR step, the verify pass
+over k + 1 tokens, the k-token draft, each compiled and timed alone); and the
+quality of the output against the target itself (`quality.py`): greedy
+completions compared token for token with AR's, sampled ones by a PIT
+goodness-of-fit p-value, and the target's log-likelihood of every completion.
+
+The output folder gets:
+  raw.jsonl    one line per (point, prompt): everything measured, appended as
+               each point finishes (an interrupted sweep keeps what it did)
+  results.csv, results.md   one row per point, computed from raw.jsonl alone
+               by `aggregate` (what tests recompute)
+  *.png        speedup vs draft_len, per-position acceptance, tok/s vs
+               temperature, and vs batch size / drafter size when swept
+  config.json  the config that made it
+A folder that already holds results is refused unless `overwrite` is set
+(then those files are replaced, never mixed).
+
+Drafter entries: `ngram`; `draft_model` (a random 2-layer Gemma with the
+target's vocabulary: a cost floor), `draft_model:N` (N layers),
+`draft_model:target` (the target drafting for itself: every draft accepted,
+the drafter-size ceiling); `mtp` / `heads` (the drafter shipped for the
+model), `mtp:<folder>` / `heads:<folder>` (a trained checkpoint).
+"""
+import collections
+import csv
+import json
+import math
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specdec_jax import config as config_lib
+from specdec_jax import drafters as drafters_lib
+from specdec_jax import generate as gen_lib
+from specdec_jax import quality
+from specdec_jax.errors import UserError
+from specdec_jax.model import init_params
+from specdec_jax.targets import check_model_name, load_target
+
+KINDS = ('ngram', 'draft_model', 'mtp', 'heads')
+ARTEFACTS = ('raw.jsonl', 'results.csv', 'results.md', 'config.json')
+PROMPT_DIR = pathlib.Path(__file__).resolve().parent.parent / 'experiments' / 'prompts'
+
+
+# ----------------------------------------------------------------------------- config
+
+def _list(value, cast, name):
+  """'1,2,4' or (1, 2, 4) -> [cast(x)]; UserError on a bad item."""
+  items = value.split(',') if isinstance(value, str) else list(value)
+  out = []
+  for item in items:
+    if isinstance(item, str):
+      item = item.strip()
+      if not item:
+        continue
+    try:
+      out.append(cast(item))
+    except (TypeError, ValueError):
+      raise UserError(f'{name}: {item!r} is not a valid {cast.__name__}') from None
+  if not out:
+    raise UserError(f'{name} is empty')
+  return out
+
+
+def parse(c):
+  """The sweep's axes from the config, validated (nothing loaded yet)."""
+  check_model_name(c.model)
+  ax = dict(
+      domains=_list(c.domains, str, 'domains'),
+      drafters=_list(c.drafters, str, 'drafters'),
+      draft_lens=_list(c.draft_lens, int, 'draft_lens'),
+      temperatures=_list(c.temperatures, float, 'temperatures'),
+      batch_sizes=_list(c.batch_sizes, int, 'batch_sizes'))
+  for k in ax['draft_lens']:
+    if k < 1:
+      raise UserError(f'draft_lens: every k must be >= 1, got {k}')
+  for t in ax['temperatures']:
+    if not (t >= 0 and math.isfinite(t)):
+      raise UserError(f'temperatures: every value must be a finite number >= 0, got {t}')
+  for b in ax['batch_sizes']:
+    if b < 1:
+      raise UserError(f'batch_sizes: every value must be >= 1, got {b}')
+  for d in ax['drafters']:
+    kind, _, arg = d.partition(':')
+    if kind not in KINDS:
+      raise UserError(f'unknown drafter {d!r} in drafters; choose from {", ".join(KINDS)} '
+                      '(optionally kind:<checkpoint folder>, draft_model:<layers>|target)')
+    if kind == 'draft_model' and arg and arg != 'target' and not (arg.isdigit() and int(arg) > 0):
+      raise UserError(f'drafter {d!r}: draft_model takes a layer count or "target"')
+    if kind in ('mtp', 'heads') and arg and not (pathlib.Path(arg) / 'drafter.json').is_file():
+      raise UserError(f'drafter {d!r}: {arg} is not a drafter checkpoint folder '
+                      '(no drafter.json)')
+    if kind == 'ngram' and arg:
+      raise UserError(f'drafter {d!r}: ngram takes no argument (max_ngram sets n)')
+  if len(set(ax['drafters'])) != len(ax['drafters']):
+    raise UserError('drafters lists an entry twice')
+  prompt_dir = pathlib.Path(c.prompt_dir) if c.prompt_dir else PROMPT_DIR
+  for d in ax['domains']:
+    if not (prompt_dir / f'{d}.jsonl').is_file():
+      have = sorted(p.stem for p in prompt_dir.glob('*.jsonl'))
+      raise UserError(f'unknown domain {d!r}: no {prompt_dir / (d + ".jsonl")} '
+                      f'(have: {", ".join(have) or "none"})')
+  for key in ('prompts_per_domain', 'max_new_tokens', 'repeats'):
+    if c[key] < 1:
+      raise UserError(f'{key} must be >= 1, got {c[key]}')
+  if c.max_prompt_len < 0 or c.max_ngram < 1:
+    raise UserError('max_prompt_len must be >= 0 (0 = whole prompts) and max_ngram >= 1')
+  if not c.output:
+    raise UserError('output must name a results folder')
+  out = pathlib.Path(c.output)
+  if out.exists() and not out.is_dir():
+    raise UserError(f'output {out} exists and is not a folder')
+  if not c.overwrite and out.is_dir() and any((out / a).exists() for a in ARTEFACTS):
+    raise UserError(f'output folder {out} already holds results; choose another output or '
+                    'set --config.overwrite=True to replace them')
+  ax['prompt_dir'] = prompt_dir
+  return ax
+
+
+def _prepare_output(c) -> pathlib.Path:
+  out = pathlib.Path(c.output)
+  out.mkdir(parents=True, exist_ok=True)
+  for name in ARTEFACTS:
+    (out / name).unlink(missing_ok=True)
+  for png in out.glob('*.png'):
+    png.unlink()
+  (out / 'config.json').write_text(json.dumps(c.to_dict(), indent=1, default=str) + '\n')
+  return out
+
+
+def load_prompts(prompt_dir, domain, tok, n, max_len):
+  """First n prompts of a domain as ids; max_len > 0 keeps BOS + the last
+  max_len - 1 tokens (the part a continuation depends on most)."""
+  rows = []
+  for line in (pathlib.Path(prompt_dir) / f'{domain}.jsonl').read_text(encoding='utf-8').splitlines():
+    if line.strip():
+      try:
+        rows.append(json.loads(line)['prompt'])
+      except (ValueError, KeyError, TypeError):
+        raise UserError(f'{prompt_dir}/{domain}.jsonl: each line needs a "prompt" string') from None
+  out = []
+  for text in rows[:n]:
+    ids = tok.encode(text)
+    if max_len and len(ids) > max_len:
+      ids = ids[:1] + ids[len(ids) - max_len + 1:]
+    out.append(ids)
+  return out
+
+
+# ----------------------------------------------------------------------------- drafters
+
+def build_drafter(entry, k, target, c):
+  """(drafter, params, parameter count) for a sweep entry."""
+  from specdec_jax import checkpoints
+  from specdec_jax.generation_job import shipped_drafter
+  kind, _, arg = entry.partition(':')
+  cfg = target.config
+  if kind == 'ngram':
+    return drafters_lib.NgramDrafter(k, cfg.vocab_size, max_ngram=c.max_ngram), None, 0
+  if kind == 'draft_model':
+    if arg == 'target':
+      d = drafters_lib.make_drafter('draft_model', draft_len=k, target_config=cfg,
+                                    drafter_config=cfg)
+      return d, target.params, _count(target.params)
+    dcfg = config_lib.tiny(vocab_size=cfg.vocab_size, num_layers=int(arg or 2),
+                           dtype=c.dtype, param_dtype=c.dtype)
+    params = jax.device_put(init_params(dcfg, jax.random.key(c.seed + 1)))
+    d = drafters_lib.make_drafter('draft_model', draft_len=k, target_config=cfg,
+                                  drafter_config=dcfg)
+    return d, params, _count(params)
+  path = arg or shipped_drafter(c.model, kind)
+  if not path:
+    raise UserError(f'drafter {entry!r}: no {kind} drafter is shipped for model {c.model!r}; '
+                    f'use {kind}:<checkpoint folder>')
+  try:
+    dcfg, params, _ = checkpoints.load_drafter(path, dtype=c.dtype)
+    if dcfg.kind != kind:
+      raise UserError(f'drafter {entry!r}: {path} holds a {dcfg.kind} drafter')
+    d = drafters_lib.make_drafter(kind, draft_len=k, target_config=cfg, drafter_config=dcfg)
+  except ValueError as e:                   # CheckpointError, incompatible target, k too big
+    raise UserError(f'drafter {entry!r}: {e}') from None
+  # The vocabulary subset is ids, not weights; the head is the target's embedding.
+  return d, jax.device_put(params), _count(params['net'])
+
+
+def _count(tree):
+  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+# ----------------------------------------------------------------------------- timing
+
+def median_ms(fn, repeats):
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return statistics.median(times) * 1e3
+
+
+class Runner:
+  """Compiles each (drafter, k, greedy, batch) once and runs batches of a domain."""
+
+  def __init__(self, target, cache_size, bucket_len, max_new, repeats):
+    self.target = target
+    self.cache_size, self.bucket_len, self.max_new = cache_size, bucket_len, max_new
+    self.repeats = repeats
+    self.programs = {}
+    self.compile_seconds = {}
+
+  def program(self, key, gen, dparams, batch):
+    if key not in self.programs:
+      p = self.target.params
+      t = time.perf_counter()
+      pre = gen.prefill.lower(gen, p, batch, dparams).compile()
+      dec = gen.decode.lower(gen, p, jax.eval_shape(lambda: pre(p, batch, dparams)),
+                             dparams).compile()
+      self.programs[key] = (pre, dec)
+      self.compile_seconds[key] = time.perf_counter() - t
+    return self.programs[key]
+
+  def batches(self, prompts, batch_size, temperature, seed):
+    for b, s in enumerate(range(0, len(prompts), batch_size)):
+      idx = list(range(s, min(s + batch_size, len(prompts))))
+      keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(np.array(idx))
+      yield b, idx, gen_lib.make_batch(
+          [prompts[i] for i in idx], batch_size=batch_size, bucket_len=self.bucket_len,
+          max_new_tokens=self.max_new, keys=keys, temperature=temperature)
+
+  def run(self, key, gen, dparams, prompts, batch_size, temperature, seed):
+    """-> (rows: per prompt dict, last state)."""
+    p = self.target.params
+    rows, state = [], None
+    for b, idx, batch in self.batches(prompts, batch_size, temperature, seed):
+      pre, dec = self.program(key, gen, dparams, batch)
+      times = []
+      for _ in range(self.repeats):
+        t = time.perf_counter()
+        state = jax.block_until_ready(dec(p, pre(p, batch, dparams), dparams))
+        times.append(time.perf_counter() - t)
+      seconds = statistics.median(times)
+      for i, r in zip(idx, gen_lib.completions(state, gen.config.eos_id)):
+        ids = r['completion_ids'] + ([gen.config.eos_id] if r['finish_reason'] == 'eos' else [])
+        rows.append(dict(prompt_index=i, batch=b, batch_seconds=seconds,
+                         prompt_ids=r['prompt_ids'], completion_ids=ids,
+                         finish_reason=r['finish_reason'], new_tokens=r['new_tokens'],
+                         target_calls=r['target_calls'],
+                         accepted_by_position=r['accepted_by_position']))
+    return rows, state
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+def run(c) -> dict:
+  ax = parse(c)
+  t_start = time.perf_counter()
+  target = load_target(c.model, gguf=c.gguf, dtype=c.dtype, seed=c.seed)
+  cfg, tok = target.config, target.tokenizer
+  prompts = {d: load_prompts(ax['prompt_dir'], d, tok, c.prompts_per_domain, c.max_prompt_len)
+             for d in ax['domains']}
+  for d, ps in prompts.items():
+    bad = [t for p in ps for t in p if not 0 <= t < cfg.vocab_size]
+    if bad:
+      raise UserError(f'domain {d}: token id {bad[0]} outside the vocabulary')
+  max_k = max(ax['draft_lens'])
+  bucket_len = gen_lib.bucket(max(len(p) for ps in prompts.values() for p in ps))
+  cache_size = -(-(bucket_len + c.max_new_tokens + max_k + 1) // 128) * 128
+  if cache_size > cfg.max_context + max_k + 1:
+    raise UserError(f'prompts + max_new_tokens + draft_len need a cache of {cache_size} '
+                    f'> the model context {cfg.max_context}; set max_prompt_len')
+  # Every entry must load before the first measurement. A k beyond what a
+  # drafter can draft (more than a heads drafter's heads) is skipped, and said.
+  skipped = []
+  for entry in ax['drafters']:
+    d, _, _ = build_drafter(entry, min(ax['draft_lens']), target, c)
+    limit = d.config.num_draft_heads if isinstance(d, drafters_lib.HeadsDrafter) else None
+    for k in ax['draft_lens']:
+      if limit is not None and k > limit:
+        skipped.append((entry, k))
+        print(f'skipping {entry} at k={k}: it has {limit} heads', file=sys.stderr)
+  out = _prepare_output(c)
+
+  runner = Runner(target, cache_size, bucket_len, c.max_new_tokens, c.repeats)
+  scorer = quality.Scorer(cfg, target.params, length=bucket_len + c.max_new_tokens,
+                          new=c.max_new_tokens, seed=c.seed)
+  n_points = (len(ax['batch_sizes']) * len(ax['temperatures']) * len(ax['domains'])
+              * (1 + len(ax['drafters']) * len(ax['draft_lens']) - len(skipped)))
+  costs = {}             # (entry, k, greedy, B) -> (ar ms, draft ms, verify ms)
+  ar_ms = {}             # B -> ms per AR step
+  done = [0]
+  t_points = time.perf_counter()
+
+  def record(rows, point, ar_rows, greedy, temperature, extra):
+    scores = scorer([r['prompt_ids'] for r in rows], [r['completion_ids'] for r in rows],
+                    temperature=temperature)
+    ar_by_prompt = {r['prompt_index']: r['completion_ids'] for r in ar_rows or []}
+    with (out / 'raw.jsonl').open('a', encoding='utf-8') as f:
+      for r, (logp, pit) in zip(rows, scores):
+        line = dict(point, **r, logprob_sum=round(float(np.sum(logp)), 5),
+                    identical_to_ar=(r['completion_ids'] == ar_by_prompt[r['prompt_index']]
+                                     if greedy and ar_rows else None),
+                    pit=None if greedy else [round(x, 5) for x in pit], **extra)
+        f.write(json.dumps(line) + '\n')
+    done[0] += 1
+    tok_s = sum(r['new_tokens'] for r in rows) / _batch_seconds(rows)
+    eta = (time.perf_counter() - t_points) / done[0] * (n_points - done[0])
+    print(f'[{done[0]}/{n_points}] {point["domain"]} {point["drafter"]} k={point["draft_len"]} '
+          f'T={point["temperature"]} B={point["batch_size"]}: {tok_s:.2f} tok/s, '
+          f'ETA {eta / 60:.1f} min', file=sys.stderr, flush=True)
+
+  for B in ax['batch_sizes']:
+    for T in ax['temperatures']:
+      greedy = T == 0
+      ar_gen = gen_lib.Generator(cfg, cache_size=cache_size, greedy=greedy)
+      ar_rows = {}
+      for d in ax['domains']:
+        rows, state = runner.run(('none', 0, greedy, B), ar_gen, None, prompts[d], B, T, c.seed)
+        if B not in ar_ms:        # one target call on the pending token = an AR step
+          zero = jnp.zeros((B, 0), jnp.int32)
+          ar_ms[B] = median_ms(lambda: ar_gen.verify_part(target.params, state, zero), 5)
+        ar_rows[d] = rows
+        record(rows, _point(d, 'none', 'none', 0, T, B), None, greedy, T,
+               dict(ar_ms_per_step=ar_ms[B], draft_ms_per_round=None, verify_ms_per_round=None,
+                    drafter_params=0,
+                    compile_seconds=runner.compile_seconds[('none', 0, greedy, B)]))
+      for entry in ax['drafters']:
+        for k in ax['draft_lens']:
+          if (entry, k) in skipped:
+            continue
+          drafter, dparams, n_params = build_drafter(entry, k, target, c)
+          gen = gen_lib.Generator(cfg, cache_size=cache_size, greedy=greedy, drafter=drafter)
+          key = (entry, k, greedy, B)
+          for d in ax['domains']:
+            rows, state = runner.run(key, gen, dparams, prompts[d], B, T, c.seed)
+            if key not in costs:
+              drafts = gen.draft_part(target.params, state, dparams)
+              # Verify on a drafter-free generator and state: one compile per (k, B).
+              verifier = gen_lib.Generator(cfg, cache_size=cache_size)
+              bare = state.replace(drafter_state=None, accepted=state.accepted[:, :0])
+              costs[key] = (
+                  median_ms(lambda: gen.draft_part(target.params, state, dparams), 5),
+                  median_ms(lambda: verifier.verify_part(target.params, bare, drafts), 5))
+            record(rows, _point(d, entry, entry.partition(':')[0], k, T, B), ar_rows[d],
+                   greedy, T, dict(ar_ms_per_step=ar_ms[B], draft_ms_per_round=costs[key][0],
+                                   verify_ms_per_round=costs[key][1], drafter_params=n_params,
+                                   compile_seconds=runner.compile_seconds[key]))
+
+  raw = [json.loads(l) for l in (out / 'raw.jsonl').read_text().splitlines()]
+  table = aggregate(raw)
+  write_csv(table, out / 'results.csv')
+  (out / 'results.md').write_text(markdown(table, c) + '\n')
+  plots = write_plots(table, out)
+  return dict(output=str(out), points=len(table), rows=len(raw),
+              compiles=len(runner.programs), plots=[p.name for p in plots],
+              skipped=[f'{e} k={k}' for e, k in skipped],
+              seconds=round(time.perf_counter() - t_start, 1),
+              greedy_identical=_fraction([r['identical_to_ar'] for r in raw
+                                          if r['identical_to_ar'] is not None]),
+              best=max((t for t in table if t['drafter'] != 'none'),
+                       key=lambda t: t['speedup'], default=None))
+
+
+def _point(domain, drafter, kind, k, T, B):
+  return dict(system='specdec_jax', domain=domain, drafter=drafter, kind=kind, draft_len=k,
+              temperature=T, batch_size=B)
+
+
+def _batch_seconds(rows):
+  return sum({r['batch']: r['batch_seconds'] for r in rows}.values())
+
+
+def _fraction(flags):
+  return round(sum(flags) / len(flags), 4) if flags else None
+
+
+# ----------------------------------------------------------------------------- results
+
+# `system` tells peers (experiments/bench_hf.py) from specdec_jax in one table.
+POINT_KEYS = ('system', 'domain', 'drafter', 'kind', 'draft_len', 'temperature', 'batch_size')
+
+
+def fit_alpha(tokens_per_call, k):
+  """α with (1 - α^(k+1)) / (1 - α) = tokens per call (Leviathan et al.)."""
+  if k == 0:
+    return None
+  lo, hi = 0.0, 1.0
+  for _ in range(60):
+    mid = (lo + hi) / 2
+    if sum(mid ** i for i in range(k + 1)) < tokens_per_call:
+      lo = mid
+    else:
+      hi = mid
+  return lo
+
+
+def aggregate(raw):
+  """One dict per point, from raw.jsonl rows alone."""
+  groups = collections.OrderedDict()
+  for r in raw:
+    groups.setdefault(tuple(r[k] for k in POINT_KEYS), []).append(r)
+  base_of = lambda p: (p['system'], p['domain'], p['temperature'], p['batch_size'])
+  ar = {base_of(dict(zip(POINT_KEYS, k))): g for k, g in groups.items() if k[2] == 'none'}
+  table = []
+  for key, rows in groups.items():
+    point = dict(zip(POINT_KEYS, key))
+    k = point['draft_len']
+    tokens = sum(r['new_tokens'] for r in rows)
+    calls = sum(r['target_calls'] for r in rows)
+    seconds = _batch_seconds(rows)
+    base = ar[base_of(point)]
+    ar_tps = sum(r['new_tokens'] for r in base) / _batch_seconds(base)
+    tps = tokens / seconds
+    # Peers (bench_hf.py) report neither per-position acceptance nor costs.
+    per_position = k and all(r['accepted_by_position'] is not None for r in rows)
+    accepted = np.sum([r['accepted_by_position'] for r in rows], axis=0) if per_position else None
+    e = tokens / calls
+    f = rows[0]
+    c_cost = v_cost = predicted = None
+    alpha = fit_alpha(e, k)
+    if k and f['draft_ms_per_round'] is not None:
+      c_cost = f['draft_ms_per_round'] / (k * f['ar_ms_per_step'])
+      v_cost = f['verify_ms_per_round'] / f['ar_ms_per_step']
+      predicted = (1 - alpha ** (k + 1)) / (1 - alpha) / (k * c_cost + v_cost) if alpha < 1 else None
+    pits = [x for r in rows if r['pit'] for x in r['pit']]
+    identical = [r['identical_to_ar'] for r in rows if r['identical_to_ar'] is not None]
+    table.append(dict(
+        point, prompts=len(rows), new_tokens=tokens, target_calls=calls,
+        seconds=round(seconds, 4), tokens_per_second=round(tps, 3),
+        ms_per_token=round(1e3 / tps, 2), speedup=round(tps / ar_tps, 3),
+        mean_accepted_per_call=round(e, 3),
+        acceptance_rate=None if accepted is None else round(float(accepted.sum()) / (k * calls), 4),
+        acceptance_by_position=[] if accepted is None else [round(float(a) / calls, 4) for a in accepted],
+        alpha=None if alpha is None else round(alpha, 4),
+        c=None if c_cost is None else round(c_cost, 4),
+        v=None if v_cost is None else round(v_cost, 4),
+        predicted_speedup=None if predicted is None else round(predicted, 3),
+        greedy_identical=_fraction(identical),
+        pit_p_value=None if not pits else _round(quality.pit_p_value(pits), 4),
+        logprob_per_token=round(sum(r['logprob_sum'] for r in rows) / tokens, 4),
+        ar_logprob_per_token=round(sum(r['logprob_sum'] for r in base)
+                                   / sum(r['new_tokens'] for r in base), 4),
+        drafter_params=f['drafter_params'], compile_seconds=round(f['compile_seconds'], 2)))
+  return table
+
+
+def _round(x, n):
+  return None if x is None else round(x, n)
+
+
+CSV_COLUMNS = POINT_KEYS + (
+    'prompts', 'new_tokens', 'target_calls', 'seconds', 'tokens_per_second', 'ms_per_token',
+    'speedup', 'mean_accepted_per_call', 'acceptance_rate', 'acceptance_by_position', 'alpha',
+    'c', 'v', 'predicted_speedup', 'greedy_identical', 'pit_p_value', 'logprob_per_token',
+    'ar_logprob_per_token', 'drafter_params', 'compile_seconds')
+
+
+def write_csv(table, path):
+  with open(path, 'w', newline='', encoding='utf-8') as f:
+    w = csv.writer(f)
+    w.writerow(CSV_COLUMNS)
+    for t in table:
+      w.writerow(['/'.join(map(str, t[c])) if isinstance(t[c], list) else
+                  ('' if t[c] is None else t[c]) for c in CSV_COLUMNS])
+
+
+def _fmt(x, suffix=''):
+  return '–' if x is None else f'{x}{suffix}'
+
+
+def markdown(table, c=None):
+  systems = len({t['system'] for t in table}) > 1 or table[0]['system'] != 'specdec_jax'
+  head = ('| domain | drafter | k | T | batch | ms/token | tok/s | speedup | tokens/call | '
+          'acceptance | by position | predicted | quality | log-lik (AR) |')
+  lines = [('| system ' if systems else '') + head, '|' + '---|' * (14 + systems)]
+  for t in table:
+    if t['temperature'] == 0:
+      qual = f'identical {_fmt(t["greedy_identical"])}'
+    else:
+      qual = f'PIT p={_fmt(t["pit_p_value"])}'
+    lines.append(
+        (f'| {t["system"]} ' if systems else '') +
+        f'| {t["domain"]} | {t["drafter"]} | {t["draft_len"] or "–"} | {t["temperature"]} | '
+        f'{t["batch_size"]} | {t["ms_per_token"]} | {t["tokens_per_second"]} | '
+        f'{t["speedup"]}x | {t["mean_accepted_per_call"]} | {_fmt(t["acceptance_rate"])} | '
+        f'{" / ".join(map(str, t["acceptance_by_position"])) or "–"} | '
+        f'{_fmt(t["predicted_speedup"], "x")} | {qual} | '
+        f'{t["logprob_per_token"]} ({t["ar_logprob_per_token"]}) |')
+  notes = ['', 'speedup: tok/s over plain AR on the same prompts in the same run; '
+           'predicted: Leviathan et al. from α (fitted to tokens/call), c = draft cost per '
+           'token / AR step, v = verify pass / AR step; quality: greedy completions identical '
+           'to AR (fraction), or the PIT uniformity p-value of sampled tokens (quality.py); '
+           'log-lik: the target\'s mean log-prob per generated token, AR\'s in brackets.']
+  if c is not None:
+    notes.append(f'model {c.model}, {c.prompts_per_domain} prompts x {c.max_new_tokens} new '
+                 f'tokens per domain, repeats {c.repeats}.')
+  return '\n'.join(lines + notes)
+
+
+def write_plots(table, out):
+  """PNG plots of the table; returns their paths."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  domains = list(dict.fromkeys(t['domain'] for t in table))
+  drafters = list(dict.fromkeys(t['drafter'] for t in table if t['drafter'] != 'none'))
+  temps = sorted({t['temperature'] for t in table})
+  sizes = sorted({t['batch_size'] for t in table})
+  ks = sorted({t['draft_len'] for t in table if t['draft_len']})
+  T0, B0 = temps[0], sizes[0]
+  k_ref = 4 if 4 in ks else (ks[len(ks) // 2] if ks else 0)
+  pick = lambda **kw: [t for t in table if all(t[a] == b for a, b in kw.items())]
+  paths = []
+
+  def figure(name, title, draw, xlabel, ylabel, logx=False):
+    fig, axes = plt.subplots(1, len(domains), figsize=(4.2 * len(domains), 3.4), squeeze=False)
+    for ax, d in zip(axes[0], domains):
+      draw(ax, d)
+      ax.set_title(d)
+      ax.set_xlabel(xlabel)
+      ax.grid(alpha=0.3)
+      if logx:
+        ax.set_xscale('symlog', linthresh=1e4)
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = out / name
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+
+  def speedup_vs_k(ax, d):
+    for i, dr in enumerate(drafters):
+      rows = sorted(pick(domain=d, drafter=dr, temperature=T0, batch_size=B0),
+                    key=lambda t: t['draft_len'])
+      ax.plot([t['draft_len'] for t in rows], [t['speedup'] for t in rows], 'o-',
+              color=f'C{i}', label=dr)
+      pred = [(t['draft_len'], t['predicted_speedup']) for t in rows if t['predicted_speedup']]
+      if pred:
+        ax.plot(*zip(*pred), ':', color=f'C{i}', alpha=0.7)
+    ax.axhline(1.0, color='k', lw=0.8)
+  if ks:
+    figure('speedup_vs_draft_len.png', f'speedup over AR (solid measured, dotted predicted), '
+           f'T={T0}, batch {B0}', speedup_vs_k, 'draft length k', 'speedup')
+
+  def acceptance(ax, d):
+    for i, dr in enumerate(drafters):
+      rows = pick(domain=d, drafter=dr, temperature=T0, batch_size=B0, draft_len=max(ks))
+      if rows:
+        a = rows[0]['acceptance_by_position']
+        ax.plot(range(1, len(a) + 1), a, 'o-', color=f'C{i}', label=dr)
+    ax.set_ylim(0, 1.02)
+  if ks:
+    figure('acceptance_by_position.png', f'P(draft i accepted), k={max(ks)}, T={T0}',
+           acceptance, 'draft position i', 'acceptance')
+
+  if len(temps) > 1:
+    def vs_temperature(ax, d):
+      for i, dr in enumerate(['none'] + drafters):
+        rows = sorted(pick(domain=d, drafter=dr, batch_size=B0,
+                           draft_len=0 if dr == 'none' else k_ref), key=lambda t: t['temperature'])
+        ax.plot([t['temperature'] for t in rows], [t['tokens_per_second'] for t in rows], 'o-',
+                color='k' if dr == 'none' else f'C{i - 1}', label='AR' if dr == 'none' else dr)
+    figure('tokens_per_second_vs_temperature.png', f'tok/s vs temperature, k={k_ref}, batch {B0}',
+           vs_temperature, 'temperature', 'tok/s')
+
+  if len(sizes) > 1:
+    def vs_batch(ax, d):
+      for i, dr in enumerate(drafters):
+        rows = sorted(pick(domain=d, drafter=dr, temperature=T0, draft_len=k_ref),
+                      key=lambda t: t['batch_size'])
+        ax.plot([t['batch_size'] for t in rows], [t['speedup'] for t in rows], 'o-',
+                color=f'C{i}', label=dr)
+      ax.axhline(1.0, color='k', lw=0.8)
+      ax.set_xscale('log', base=2)
+    figure('speedup_vs_batch_size.png', f'speedup vs batch size, k={k_ref}, T={T0}', vs_batch,
+           'batch size', 'speedup')
+
+  if len({t['drafter_params'] for t in table if t['drafter'] != 'none'}) > 1:
+    def vs_size(ax, d):
+      rows = pick(domain=d, temperature=T0, batch_size=B0, draft_len=k_ref)
+      for i, dr in enumerate(drafters):
+        for t in rows:
+          if t['drafter'] == dr:
+            ax.plot(t['drafter_params'], t['speedup'], 'o', color=f'C{i}', label=dr)
+      ax.axhline(1.0, color='k', lw=0.8)
+    figure('speedup_vs_drafter_params.png', f'speedup vs drafter parameters, k={k_ref}, T={T0}',
+           vs_size, 'drafter parameters', 'speedup', logx=True)
+  return paths
