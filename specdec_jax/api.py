@@ -1,0 +1,122 @@
+"""The few calls a notebook needs: load a target and a drafter, generate, compare.
+
+    from specdec_jax import api
+    target = api.load_target('gemma3_270m')
+    drafter = api.load_drafter(target, 'mtp', draft_len=4)       # the shipped one
+    ar = api.generate(target, ['def add(a, b):'], max_new_tokens=32)
+    sd = api.generate(target, ['def add(a, b):'], drafter=drafter, max_new_tokens=32)
+    assert ar.texts == sd.texts                                   # greedy: identical
+    print(sd.tokens_per_second / ar.tokens_per_second, sd.acceptance_by_position)
+
+`generate` puts all prompts in one batch (padded to a multiple of the device
+count), runs it on every local device (`parallel='auto'`: pmap over TPU
+cores, one device on a CPU), compiles once (timed apart), and returns the
+completions with the run's statistics. The experiment jobs (generation_job,
+sweep) are built from the same pieces.
+"""
+import dataclasses
+import time
+from typing import Any, List, Optional, Sequence, Union
+
+import jax
+import numpy as np
+
+from specdec_jax import checkpoints
+from specdec_jax import config as config_lib
+from specdec_jax import drafters as drafters_lib
+from specdec_jax import generate as gen_lib
+from specdec_jax import parallel as parallel_lib
+from specdec_jax.model import init_params
+from specdec_jax.targets import Target, load_target  # noqa: F401  (re-exported)
+
+
+@dataclasses.dataclass
+class Drafter:
+  drafter: Any
+  params: Any
+  kind: str
+
+
+@dataclasses.dataclass
+class Result:
+  texts: List[str]
+  completion_ids: List[List[int]]
+  new_tokens: int
+  target_calls: int
+  seconds: float                  # generation, compile excluded
+  compile_seconds: float
+  acceptance_by_position: List[float]
+  devices: int
+  parallel: str
+
+  @property
+  def tokens_per_second(self) -> float:
+    return self.new_tokens / self.seconds
+
+  @property
+  def mean_accepted_per_call(self) -> float:
+    return self.new_tokens / max(self.target_calls, 1)
+
+
+def load_drafter(target: Target, kind: str, *, draft_len: int = 4, checkpoint: str = '',
+                 max_ngram: int = 3) -> Drafter:
+  """kind: 'ngram', 'mtp' / 'heads' (checkpoint '' = the one shipped for the
+  target), 'draft_model' (checkpoint '' = a random 2-layer model; 'target' =
+  the target itself)."""
+  cfg = target.config
+  if kind == 'ngram':
+    return Drafter(drafters_lib.NgramDrafter(draft_len, cfg.vocab_size, max_ngram=max_ngram),
+                   None, kind)
+  if kind == 'draft_model':
+    if checkpoint == 'target':
+      return Drafter(drafters_lib.make_drafter('draft_model', draft_len=draft_len,
+                                               target_config=cfg, drafter_config=cfg),
+                     target.params, kind)
+    dcfg = config_lib.tiny(vocab_size=cfg.vocab_size, num_layers=2)
+    return Drafter(drafters_lib.make_drafter('draft_model', draft_len=draft_len, target_config=cfg,
+                                             drafter_config=dcfg),
+                   init_params(dcfg, jax.random.key(1)), kind)
+  from specdec_jax.generation_job import shipped_drafter
+  path = checkpoint or shipped_drafter(target.name, kind)
+  if not path:
+    raise ValueError(f'no {kind} drafter is shipped for {target.name!r}; pass checkpoint=')
+  dcfg, params, _ = checkpoints.load_drafter(path)
+  return Drafter(drafters_lib.make_drafter(kind, draft_len=draft_len, target_config=cfg,
+                                           drafter_config=dcfg), jax.device_put(params), kind)
+
+
+def generate(target: Target, prompts: Sequence[Union[str, Sequence[int]]], *,
+             drafter: Optional[Drafter] = None, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             parallel: str = 'auto') -> Result:
+  cfg, tok = target.config, target.tokenizer
+  ids = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+  n_dev = jax.local_device_count()
+  batch_size = -(-len(ids) // n_dev) * n_dev if parallel in ('auto', 'pmap') else len(ids)
+  k = drafter.drafter.draft_len if drafter else 0
+  bucket_len = gen_lib.bucket(max(map(len, ids)))
+  cache = -(-(bucket_len + max_new_tokens + k + 1) // 128) * 128
+  gen = gen_lib.Generator(cfg, cache_size=cache, greedy=temperature == 0,
+                          drafter=drafter and drafter.drafter)
+  dparams = drafter.params if drafter else None
+  runner = parallel_lib.make_runner(gen, target.params, dparams, mode=parallel, num_devices=0,
+                                    batch_size=batch_size)
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(np.arange(len(ids)))
+  batch = gen_lib.make_batch(ids, batch_size=batch_size, bucket_len=bucket_len,
+                             max_new_tokens=max_new_tokens, keys=keys, temperature=temperature,
+                             top_k=top_k, top_p=top_p)
+  t = time.perf_counter()
+  run = runner.compile(batch)
+  compile_s = time.perf_counter() - t
+  t = time.perf_counter()
+  state = jax.block_until_ready(run(batch))
+  seconds = time.perf_counter() - t
+  rows = gen_lib.completions(state, cfg.eos_id)
+  calls = sum(r['target_calls'] for r in rows)
+  accepted = np.sum([r['accepted_by_position'] for r in rows], axis=0) if k else np.zeros(0)
+  return Result(texts=[tok.decode(r['completion_ids']) for r in rows],
+                completion_ids=[r['completion_ids'] for r in rows],
+                new_tokens=sum(r['new_tokens'] for r in rows), target_calls=calls,
+                seconds=seconds, compile_seconds=compile_s,
+                acceptance_by_position=[float(a) / max(calls, 1) for a in accepted],
+                devices=runner.num_devices, parallel=runner.mode)
