@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from specdec_jax import generate
+from specdec_jax.measure import median_seconds
 from specdec_jax.model import linear, lm_head
 from specdec_jax.targets import load_target
 
@@ -27,16 +28,6 @@ _BATCH = flags.DEFINE_list('batch_sizes', ['1', '8'], 'Batch sizes to time.')
 _NEW = flags.DEFINE_integer('new_tokens', 64, 'Tokens generated per row per run.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed runs per batch size (median).')
 _PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
-
-
-def median_seconds(fn, *args, repeats=20):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
 
 
 def roofline_step_seconds(params, cfg, rows):
@@ -47,9 +38,9 @@ def roofline_step_seconds(params, cfg, rows):
   for w in (layer['attn']['qkv'], layer['attn']['out'], layer['mlp']['gate_up'],
             layer['mlp']['down']):
     x = jnp.ones((rows, w.shape[1]), w.dtype)
-    total += cfg.num_layers * median_seconds(mm, x, w)
+    total += cfg.num_layers * median_seconds(mm, x, w, repeats=20)
   h = jnp.ones((rows, cfg.embed_dim), jnp.float32)
-  return total + median_seconds(jax.jit(lm_head), h, params['embedding'])
+  return total + median_seconds(jax.jit(lm_head), h, params['embedding'], repeats=20)
 
 
 def main(_):
@@ -85,8 +76,9 @@ def main(_):
   head = {}
   for rows in (1, 2, 5, 8):
     h = jnp.ones((rows, cfg.embed_dim), jnp.float32)
-    plain = median_seconds(jax.jit(lambda h, e: jnp.einsum('RD,VD->RV', h, e)), h, params['embedding'])
-    ours = median_seconds(jax.jit(lm_head), h, params['embedding'])
+    plain = median_seconds(jax.jit(lambda h, e: jnp.einsum('RD,VD->RV', h, e)), h, params['embedding'],
+                           repeats=20)
+    ours = median_seconds(jax.jit(lm_head), h, params['embedding'], repeats=20)
     head[rows] = dict(einsum_ms=round(plain * 1e3, 1), lm_head_ms=round(ours * 1e3, 1),
                       ratio=round(plain / ours, 2))
   print(json.dumps({'lm_head_by_rows': head}))

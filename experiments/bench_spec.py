@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from specdec_jax import drafters, generate
+from specdec_jax.measure import fit_alpha, median_seconds
 from specdec_jax.model import KVCache, Transformer
 from specdec_jax.targets import load_target
 
@@ -41,28 +42,6 @@ PROMPTS = [
     '    "optimizer": "adam",\n}\n\nfor key, value in config.items():\n    print(f"{key}: {value}")\n\n'
     'defaults = {\n    "learning_rate":',
 ]
-
-
-def median_seconds(fn, repeats=10):
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
-
-
-def fit_alpha(tokens_per_call, k):
-  """α with (1 - α^(k+1)) / (1 - α) = tokens_per_call, by bisection."""
-  lo, hi = 0.0, 1.0 - 1e-9
-  for _ in range(100):
-    mid = (lo + hi) / 2
-    if (1 - mid ** (k + 1)) / (1 - mid) < tokens_per_call:
-      lo = mid
-    else:
-      hi = mid
-  return lo
 
 
 def run_mode(gen, params, prompts, dparams):

@@ -24,6 +24,7 @@ from specdec_jax import config as config_lib
 from specdec_jax import drafters, parallel
 from specdec_jax import generate as gen_lib
 from specdec_jax.errors import UserError
+from specdec_jax.measure import median_seconds
 from specdec_jax.model import init_params
 from specdec_jax.targets import check_model_name, load_target
 
@@ -275,14 +276,6 @@ def run(c) -> dict:
 def time_parts(gen, params, drafter_params, state, repeats=5):
   """(draft ms, verify ms) per round, each half compiled and timed alone."""
   drafts = jax.block_until_ready(gen.draft_part(params, state, drafter_params))
-  jax.block_until_ready(gen.verify_part(params, state, drafts))
-  out = []
-  for fn in (lambda: gen.draft_part(params, state, drafter_params),
-             lambda: gen.verify_part(params, state, drafts)):
-    times = []
-    for _ in range(repeats):
-      t = time.perf_counter()
-      jax.block_until_ready(fn())
-      times.append(time.perf_counter() - t)
-    out.append(float(np.median(times)) * 1e3)
-  return tuple(out)
+  return tuple(1e3 * median_seconds(fn, repeats=repeats) for fn in (
+      lambda: gen.draft_part(params, state, drafter_params),
+      lambda: gen.verify_part(params, state, drafts)))

@@ -74,9 +74,18 @@ class Scorer:
     self.config, self.params = config, params
     self.length, self.new, self.chunk = length, new, chunk
     self.rng = np.random.default_rng(seed)
+    self.cache = {}             # a completion seen before (greedy reruns) is not rescored
 
   def __call__(self, prompts, completions, *, temperature, top_k=0, top_p=1.0):
     """-> list of (logp list, pit list) per row (completion tokens only)."""
+    keys = [(tuple(p), tuple(c), temperature, top_k, top_p) for p, c in zip(prompts, completions)]
+    todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
+    for key, got in zip(todo, self._score([k[0] for k in todo], [k[1] for k in todo],
+                                          temperature, top_k, top_p)):
+      self.cache[key] = got
+    return [self.cache[k] for k in keys]
+
+  def _score(self, prompts, completions, temperature, top_k, top_p):
     out = []
     for s in range(0, len(prompts), self.chunk):
       ps, cs = prompts[s:s + self.chunk], completions[s:s + self.chunk]

@@ -51,6 +51,7 @@ from specdec_jax import config as config_lib
 from specdec_jax import drafters as drafters_lib
 from specdec_jax import generate as gen_lib
 from specdec_jax import quality
+from specdec_jax.measure import fit_alpha, median_seconds, predicted_speedup
 from specdec_jax.errors import UserError
 from specdec_jax.model import init_params
 from specdec_jax.targets import check_model_name, load_target
@@ -207,16 +208,6 @@ def _count(tree):
 
 # ----------------------------------------------------------------------------- timing
 
-def median_ms(fn, repeats):
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return statistics.median(times) * 1e3
-
-
 class Runner:
   """Compiles each (drafter, k, greedy, batch) once and runs batches of a domain."""
 
@@ -336,7 +327,7 @@ def run(c) -> dict:
         rows, state = runner.run(('none', 0, greedy, B), ar_gen, None, prompts[d], B, T, c.seed)
         if B not in ar_ms:        # one target call on the pending token = an AR step
           zero = jnp.zeros((B, 0), jnp.int32)
-          ar_ms[B] = median_ms(lambda: ar_gen.verify_part(target.params, state, zero), 5)
+          ar_ms[B] = 1e3 * median_seconds(lambda: ar_gen.verify_part(target.params, state, zero), repeats=5)
         ar_rows[d] = rows
         record(rows, _point(d, 'none', 'none', 0, T, B), None, greedy, T,
                dict(ar_ms_per_step=ar_ms[B], draft_ms_per_round=None, verify_ms_per_round=None,
@@ -357,8 +348,9 @@ def run(c) -> dict:
               verifier = gen_lib.Generator(cfg, cache_size=cache_size)
               bare = state.replace(drafter_state=None, accepted=state.accepted[:, :0])
               costs[key] = (
-                  median_ms(lambda: gen.draft_part(target.params, state, dparams), 5),
-                  median_ms(lambda: verifier.verify_part(target.params, bare, drafts), 5))
+                  1e3 * median_seconds(lambda: gen.draft_part(target.params, state, dparams), repeats=5),
+                  1e3 * median_seconds(lambda: verifier.verify_part(target.params, bare, drafts),
+                                       repeats=5))
             record(rows, _point(d, entry, entry.partition(':')[0], k, T, B), ar_rows[d],
                    greedy, T, dict(ar_ms_per_step=ar_ms[B], draft_ms_per_round=costs[key][0],
                                    verify_ms_per_round=costs[key][1], drafter_params=n_params,
@@ -398,20 +390,6 @@ def _fraction(flags):
 POINT_KEYS = ('system', 'domain', 'drafter', 'kind', 'draft_len', 'temperature', 'batch_size')
 
 
-def fit_alpha(tokens_per_call, k):
-  """α with (1 - α^(k+1)) / (1 - α) = tokens per call (Leviathan et al.)."""
-  if k == 0:
-    return None
-  lo, hi = 0.0, 1.0
-  for _ in range(60):
-    mid = (lo + hi) / 2
-    if sum(mid ** i for i in range(k + 1)) < tokens_per_call:
-      lo = mid
-    else:
-      hi = mid
-  return lo
-
-
 def aggregate(raw):
   """One dict per point, from raw.jsonl rows alone."""
   groups = collections.OrderedDict()
@@ -439,7 +417,7 @@ def aggregate(raw):
     if k and f['draft_ms_per_round'] is not None:
       c_cost = f['draft_ms_per_round'] / (k * f['ar_ms_per_step'])
       v_cost = f['verify_ms_per_round'] / f['ar_ms_per_step']
-      predicted = (1 - alpha ** (k + 1)) / (1 - alpha) / (k * c_cost + v_cost) if alpha < 1 else None
+      predicted = predicted_speedup(alpha, k, c_cost, v_cost)
     pits = [x for r in rows if r['pit'] for x in r['pit']]
     identical = [r['identical_to_ar'] for r in rows if r['identical_to_ar'] is not None]
     table.append(dict(
@@ -537,8 +515,9 @@ def write_plots(table, out):
       ax.set_title(d)
       ax.set_xlabel(xlabel)
       ax.grid(alpha=0.3)
-      if logx:
+      if logx:                # parameter counts: 0 (ngram) up to 10^8
         ax.set_xscale('symlog', linthresh=1e4)
+        ax.set_xlim(-3e3, 3 * max(t['drafter_params'] for t in table))
     axes[0][0].set_ylabel(ylabel)
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)

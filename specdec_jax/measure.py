@@ -1,0 +1,38 @@
+"""Timing and the Leviathan et al. model, shared by the jobs and the benchmarks."""
+import statistics
+import time
+
+import jax
+
+
+def median_seconds(fn, *args, repeats: int = 10) -> float:
+  """Median wall time of fn(*args) over `repeats` runs after one warm-up
+  (which compiles); waits for the device each time."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def fit_alpha(tokens_per_call: float, k: int):
+  """α with (1 - α^(k+1)) / (1 - α) = tokens per call, by bisection (None for k = 0)."""
+  if k == 0:
+    return None
+  lo, hi = 0.0, 1.0
+  for _ in range(60):
+    mid = (lo + hi) / 2
+    if sum(mid ** i for i in range(k + 1)) < tokens_per_call:
+      lo = mid
+    else:
+      hi = mid
+  return lo
+
+
+def predicted_speedup(alpha: float, k: int, c: float, v: float) -> float:
+  """Leviathan et al.: expected tokens per round / cost of a round in AR steps
+  (k drafts at c each, one verify pass at v)."""
+  tokens = (1 - alpha ** (k + 1)) / (1 - alpha) if alpha < 1 else k + 1
+  return tokens / (k * c + v)
