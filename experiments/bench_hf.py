@@ -192,6 +192,8 @@ def outer(argv):
                                    seed=FLAGS.seed, llama_cpp=FLAGS.llama_cpp)))
     subprocess.run([str(py), __file__, '--inner', str(job), str(res)], check=True)
     hf = json.loads(res.read_text())
+  out.mkdir(parents=True, exist_ok=True)
+  (out / 'peer_rows.json').write_text(json.dumps(hf))     # kept even if scoring fails
 
   # Our greedy AR on the same prompts, for the cross-check.
   bucket_len = gen_lib.bucket(max(len(p) for ps in prompts.values() for p in ps))
@@ -208,10 +210,16 @@ def outer(argv):
                           new=FLAGS.max_new_tokens, seed=FLAGS.seed)
   greedy_ar = {(r['system'], r['domain'], r['prompt_index']): r['completion_ids']
                for r in hf['rows'] if r['temperature'] == 0 and r['draft_len'] == 0}
+  scores = {}                  # one scorer call per temperature: chunks of 4 rows
+  for temperature in temps:
+    rows = [r for r in hf['rows'] if r['temperature'] == temperature]
+    got = scorer([prompts[r['domain']][r['prompt_index']] for r in rows],
+                 [r['completion_ids'] for r in rows], temperature=temperature)
+    scores.update({id(r): g for r, g in zip(rows, got)})
   raw = []
   for r in hf['rows']:
     ids = prompts[r['domain']][r['prompt_index']]
-    (logp, pit), = scorer([ids], [r['completion_ids']], temperature=r['temperature'])
+    logp, pit = scores[id(r)]
     greedy = r['temperature'] == 0
     n = len(r['completion_ids'])
     raw.append(dict(
@@ -231,7 +239,6 @@ def outer(argv):
         pit=None if greedy else [round(x, 5) for x in pit],
         ar_ms_per_step=None, draft_ms_per_round=None, verify_ms_per_round=None,
         drafter_params=0, compile_seconds=0.0))
-  out.mkdir(parents=True, exist_ok=True)
   with (out / 'raw.jsonl').open('w') as f:
     for r in raw:
       f.write(json.dumps(r) + '\n')
