@@ -1,6 +1,6 @@
 """Ablation sweeps of speculative decoding (specdec_jax/sweep.py has the details).
 
-    python -m experiments.run --config=configs/ablate.py:quick      # ~12 min here
+    python -m experiments.run --config=configs/ablate.py:quick      # ~13 min here
     python -m experiments.run --config=configs/ablate.py            # the paper sweep (TPU)
     python -m experiments.run --config=configs/ablate.py:batch
     python -m experiments.run --config=configs/ablate.py:drafter_size
@@ -21,8 +21,8 @@ Variants:
                 T 0, 0.7, 1.0 on code, prose, chat (16 prompts x 128 tokens each),
                 batch 1: the paper table. ~250 compiled programs; hours on this CPU.
   quick         k 2,4,8 x ngram, mtp x T 0, 1.0 on code, prose, chat, 2 prompts x 32
-                tokens per domain: ~12 min on this 2-core CPU (docs/BENCHMARKS.md;
-                with --config.drafters=ngram,mtp,heads 15 min).
+                tokens per domain: 13.4 min on this 2-core CPU (docs/BENCHMARKS.md).
+                Adding heads (--config.drafters=ngram,mtp,heads) adds ~3 min.
   batch         batch 1, 4, 16 at k=4, greedy: how the gain shrinks as the verify
                 pass stops being memory-bound (16 prompts per domain).
   drafter_size  drafters from 0 parameters (ngram) through the trained 3.6M mtp and
