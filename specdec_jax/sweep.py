@@ -295,7 +295,7 @@ def run(c) -> dict:
                           new=c.max_new_tokens, seed=c.seed)
   n_points = (len(ax['batch_sizes']) * len(ax['temperatures']) * len(ax['domains'])
               * (1 + len(ax['drafters']) * len(ax['draft_lens']) - len(skipped)))
-  costs = {}             # (entry, k, greedy, B) -> (ar ms, draft ms, verify ms)
+  costs = {}             # (entry, k, greedy, B) -> (draft ms, verify ms) per round
   ar_ms = {}             # B -> ms per AR step
   done = [0]
   t_points = time.perf_counter()
@@ -327,7 +327,8 @@ def run(c) -> dict:
         rows, state = runner.run(('none', 0, greedy, B), ar_gen, None, prompts[d], B, T, c.seed)
         if B not in ar_ms:        # one target call on the pending token = an AR step
           zero = jnp.zeros((B, 0), jnp.int32)
-          ar_ms[B] = 1e3 * median_seconds(lambda: ar_gen.verify_part(target.params, state, zero), repeats=5)
+          ar_ms[B] = 1e3 * median_seconds(
+              lambda: ar_gen.verify_part(target.params, state, zero), repeats=5)
         ar_rows[d] = rows
         record(rows, _point(d, 'none', 'none', 0, T, B), None, greedy, T,
                dict(ar_ms_per_step=ar_ms[B], draft_ms_per_round=None, verify_ms_per_round=None,
@@ -347,10 +348,9 @@ def run(c) -> dict:
               # Verify on a drafter-free generator and state: one compile per (k, B).
               verifier = gen_lib.Generator(cfg, cache_size=cache_size)
               bare = state.replace(drafter_state=None, accepted=state.accepted[:, :0])
-              costs[key] = (
-                  1e3 * median_seconds(lambda: gen.draft_part(target.params, state, dparams), repeats=5),
-                  1e3 * median_seconds(lambda: verifier.verify_part(target.params, bare, drafts),
-                                       repeats=5))
+              costs[key] = tuple(1e3 * median_seconds(fn, repeats=5) for fn in (
+                  lambda: gen.draft_part(target.params, state, dparams),
+                  lambda: verifier.verify_part(target.params, bare, drafts)))
             record(rows, _point(d, entry, entry.partition(':')[0], k, T, B), ar_rows[d],
                    greedy, T, dict(ar_ms_per_step=ar_ms[B], draft_ms_per_round=costs[key][0],
                                    verify_ms_per_round=costs[key][1], drafter_params=n_params,
