@@ -18,7 +18,6 @@ Gemma with the full vocabulary: a floor, not a contender), mtp and heads
 per (domain, drafter) and then a markdown table.
 """
 import json
-import pathlib
 import statistics
 import time
 
@@ -26,13 +25,9 @@ from absl import app, flags
 import jax
 import numpy as np
 
-from specdec_jax import checkpoints, drafters, generate
-from specdec_jax import config as config_lib
-from specdec_jax.generation_job import shipped_drafter
-from specdec_jax.model import init_params
+from specdec_jax import api, generate, sweep
 from specdec_jax.targets import load_target
 
-PROMPT_DIR = pathlib.Path(__file__).parent / 'prompts'
 KINDS = ['ngram', 'draft_model', 'mtp', 'heads']
 
 _DOMAINS = flags.DEFINE_list('domains', ['code', 'prose'], 'Prompt sets (experiments/prompts/).')
@@ -46,23 +41,14 @@ _MTP = flags.DEFINE_string('mtp', '', 'mtp drafter folder; empty = the shipped o
 _HEADS = flags.DEFINE_string('heads', '', 'heads drafter folder; empty = the shipped one.')
 
 
-def load_prompts(domain, tok, n):
-  rows = [json.loads(l) for l in (PROMPT_DIR / f'{domain}.jsonl').read_text().splitlines()]
-  return [tok.encode(r['prompt']) for r in rows[:n]]
-
-
-def make_drafter(kind, cfg, k):
-  if kind == 'ngram':
-    return drafters.NgramDrafter(k, cfg.vocab_size), None
-  if kind == 'draft_model':
-    dcfg = config_lib.tiny(vocab_size=cfg.vocab_size, num_layers=2)
-    return drafters.DraftModelDrafter(dcfg, k), init_params(dcfg, jax.random.key(1))
-  path = (_MTP.value if kind == 'mtp' else _HEADS.value) or shipped_drafter('gemma3_270m', kind)
-  if not path or not (pathlib.Path(path) / 'drafter.json').is_file():
-    return None, None
-  dcfg, params, _ = checkpoints.load_drafter(path)
-  return (drafters.make_drafter(kind, draft_len=k, target_config=cfg, drafter_config=dcfg),
-          jax.device_put(params))
+def make_drafter(target, kind, k):
+  """(drafter, params) through api.load_drafter; (None, reason) when a checkpoint is missing."""
+  try:
+    d = api.load_drafter(target, kind, draft_len=k,
+                         checkpoint={'mtp': _MTP.value, 'heads': _HEADS.value}.get(kind, ''))
+  except ValueError as e:
+    return None, str(e)
+  return d.drafter, d.params
 
 
 def run_mode(gen, params, dparams, prompts, bucket_len):
@@ -96,16 +82,16 @@ def main(_):
   k, greedy = _K.value, _TEMP.value == 0
   results = []
   for domain in _DOMAINS.value:
-    prompts = load_prompts(domain, tok, _N.value)
+    prompts = sweep.load_prompts(sweep.PROMPT_DIR, domain, tok, _N.value, 0)
     bucket_len = generate.bucket(max(map(len, prompts)))
     cache = -(-(bucket_len + _NEW.value + k + 1) // 128) * 128
     ar = generate.Generator(cfg, cache_size=cache, greedy=greedy)
     ar_c, ar_s, ar_rows = run_mode(ar, params, None, prompts, bucket_len)
     ar_tokens = sum(r['new_tokens'] for r in ar_rows)
     for kind in _DRAFTERS.value:
-      d, dparams = make_drafter(kind, cfg, k)
+      d, dparams = make_drafter(target, kind, k)
       if d is None:
-        print(json.dumps({'domain': domain, 'drafter': kind, 'skipped': 'no checkpoint'}))
+        print(json.dumps({'domain': domain, 'drafter': kind, 'skipped': dparams}))
         continue
       gen = generate.Generator(cfg, cache_size=cache, greedy=greedy, drafter=d)
       sp_c, sp_s, rows = run_mode(gen, params, dparams, prompts, bucket_len)

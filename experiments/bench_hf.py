@@ -156,9 +156,9 @@ def outer(argv):
   from specdec_jax.errors import UserError
   from specdec_jax.targets import load_target
   try:
-    temps = sweep._list(FLAGS.temperatures, float, 'temperatures')
-    ks = sweep._list(FLAGS.draft_lens, int, 'draft_lens')
-    domains = sweep._list(FLAGS.domains, str, 'domains')
+    temps = sweep.parse_list(FLAGS.temperatures, float, 'temperatures')
+    ks = sweep.parse_list(FLAGS.draft_lens, int, 'draft_lens')
+    domains = sweep.parse_list(FLAGS.domains, str, 'domains')
     if min(ks) < 1 or min(temps) < 0:
       raise UserError('draft_lens must be >= 1 and temperatures >= 0')
     for d in domains:

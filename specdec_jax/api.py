@@ -21,7 +21,6 @@ from typing import Any, List, Optional, Sequence, Union
 import jax
 import numpy as np
 
-from specdec_jax import checkpoints
 from specdec_jax import config as config_lib
 from specdec_jax import drafters as drafters_lib
 from specdec_jax import generate as gen_lib
@@ -35,6 +34,7 @@ class Drafter:
   drafter: Any
   params: Any
   kind: str
+  num_params: int = 0             # the drafter's own weights (the target's, for draft_model=target)
 
 
 @dataclasses.dataclass
@@ -59,30 +59,37 @@ class Result:
 
 
 def load_drafter(target: Target, kind: str, *, draft_len: int = 4, checkpoint: str = '',
-                 max_ngram: int = 3) -> Drafter:
-  """kind: 'ngram', 'mtp' / 'heads' (checkpoint '' = the one shipped for the
-  target), 'draft_model' (checkpoint '' = a random 2-layer model; 'target' =
-  the target itself)."""
+                 max_ngram: int = 3, num_layers: int = 2, dtype: str = 'float32',
+                 seed: int = 0) -> Drafter:
+  """kind: 'ngram'; 'mtp' / 'heads' (checkpoint '' = the one shipped for the
+  target); 'draft_model' (checkpoint '' = a random `num_layers` Gemma with the
+  target's vocabulary; 'target' = the target itself). ValueError (one line)
+  for a missing, corrupt or incompatible checkpoint or an impossible k."""
+  from specdec_jax import checkpoints
+  from specdec_jax.generation_job import shipped_drafter
   cfg = target.config
+  count = lambda tree: int(sum(np.size(x) for x in jax.tree.leaves(tree)))
   if kind == 'ngram':
     return Drafter(drafters_lib.NgramDrafter(draft_len, cfg.vocab_size, max_ngram=max_ngram),
                    None, kind)
   if kind == 'draft_model':
-    if checkpoint == 'target':
-      return Drafter(drafters_lib.make_drafter('draft_model', draft_len=draft_len,
-                                               target_config=cfg, drafter_config=cfg),
-                     target.params, kind)
-    dcfg = config_lib.tiny(vocab_size=cfg.vocab_size, num_layers=2)
-    return Drafter(drafters_lib.make_drafter('draft_model', draft_len=draft_len, target_config=cfg,
-                                             drafter_config=dcfg),
-                   init_params(dcfg, jax.random.key(1)), kind)
-  from specdec_jax.generation_job import shipped_drafter
+    dcfg = cfg if checkpoint == 'target' else config_lib.tiny(
+        vocab_size=cfg.vocab_size, num_layers=num_layers, dtype=dtype, param_dtype=dtype)
+    params = (target.params if checkpoint == 'target' else
+              jax.device_put(init_params(dcfg, jax.random.key(seed + 1))))
+    return Drafter(drafters_lib.make_drafter('draft_model', draft_len=draft_len,
+                                             target_config=cfg, drafter_config=dcfg),
+                   params, kind, count(params))
   path = checkpoint or shipped_drafter(target.name, kind)
   if not path:
-    raise ValueError(f'no {kind} drafter is shipped for {target.name!r}; pass checkpoint=')
-  dcfg, params, _ = checkpoints.load_drafter(path)
+    raise ValueError(f'no {kind} drafter is shipped for {target.name!r}; pass a checkpoint')
+  dcfg, params, _ = checkpoints.load_drafter(path, dtype=dtype)
+  if dcfg.kind != kind:
+    raise ValueError(f'{path} holds a {dcfg.kind} drafter, not {kind}')
+  # The head's vocabulary subset is ids; its weights are the target's embedding.
   return Drafter(drafters_lib.make_drafter(kind, draft_len=draft_len, target_config=cfg,
-                                           drafter_config=dcfg), jax.device_put(params), kind)
+                                           drafter_config=dcfg),
+                 jax.device_put(params), kind, count(params['net']))
 
 
 def generate(target: Target, prompts: Sequence[Union[str, Sequence[int]]], *,

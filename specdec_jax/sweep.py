@@ -47,13 +47,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specdec_jax import config as config_lib
 from specdec_jax import drafters as drafters_lib
 from specdec_jax import generate as gen_lib
 from specdec_jax import quality
 from specdec_jax.measure import fit_alpha, median_seconds, predicted_speedup
 from specdec_jax.errors import UserError
-from specdec_jax.model import init_params
 from specdec_jax.targets import check_model_name, load_target
 
 KINDS = ('ngram', 'draft_model', 'mtp', 'heads')
@@ -63,7 +61,7 @@ PROMPT_DIR = pathlib.Path(__file__).resolve().parent.parent / 'experiments' / 'p
 
 # ----------------------------------------------------------------------------- config
 
-def _list(value, cast, name):
+def parse_list(value, cast, name):
   """'1,2,4' or (1, 2, 4) -> [cast(x)]; UserError on a bad item."""
   items = value.split(',') if isinstance(value, str) else list(value)
   out = []
@@ -85,11 +83,11 @@ def parse(c):
   """The sweep's axes from the config, validated (nothing loaded yet)."""
   check_model_name(c.model)
   ax = dict(
-      domains=_list(c.domains, str, 'domains'),
-      drafters=_list(c.drafters, str, 'drafters'),
-      draft_lens=_list(c.draft_lens, int, 'draft_lens'),
-      temperatures=_list(c.temperatures, float, 'temperatures'),
-      batch_sizes=_list(c.batch_sizes, int, 'batch_sizes'))
+      domains=parse_list(c.domains, str, 'domains'),
+      drafters=parse_list(c.drafters, str, 'drafters'),
+      draft_lens=parse_list(c.draft_lens, int, 'draft_lens'),
+      temperatures=parse_list(c.temperatures, float, 'temperatures'),
+      batch_sizes=parse_list(c.batch_sizes, int, 'batch_sizes'))
   for k in ax['draft_lens']:
     if k < 1:
       raise UserError(f'draft_lens: every k must be >= 1, got {k}')
@@ -169,41 +167,17 @@ def load_prompts(prompt_dir, domain, tok, n, max_len):
 # ----------------------------------------------------------------------------- drafters
 
 def build_drafter(entry, k, target, c):
-  """(drafter, params, parameter count) for a sweep entry."""
-  from specdec_jax import checkpoints
-  from specdec_jax.generation_job import shipped_drafter
+  """(drafter, params, parameter count) for a sweep entry (api.load_drafter)."""
+  from specdec_jax import api
   kind, _, arg = entry.partition(':')
-  cfg = target.config
-  if kind == 'ngram':
-    return drafters_lib.NgramDrafter(k, cfg.vocab_size, max_ngram=c.max_ngram), None, 0
-  if kind == 'draft_model':
-    if arg == 'target':
-      d = drafters_lib.make_drafter('draft_model', draft_len=k, target_config=cfg,
-                                    drafter_config=cfg)
-      return d, target.params, _count(target.params)
-    dcfg = config_lib.tiny(vocab_size=cfg.vocab_size, num_layers=int(arg or 2),
-                           dtype=c.dtype, param_dtype=c.dtype)
-    params = jax.device_put(init_params(dcfg, jax.random.key(c.seed + 1)))
-    d = drafters_lib.make_drafter('draft_model', draft_len=k, target_config=cfg,
-                                  drafter_config=dcfg)
-    return d, params, _count(params)
-  path = arg or shipped_drafter(c.model, kind)
-  if not path:
-    raise UserError(f'drafter {entry!r}: no {kind} drafter is shipped for model {c.model!r}; '
-                    f'use {kind}:<checkpoint folder>')
   try:
-    dcfg, params, _ = checkpoints.load_drafter(path, dtype=c.dtype)
-    if dcfg.kind != kind:
-      raise UserError(f'drafter {entry!r}: {path} holds a {dcfg.kind} drafter')
-    d = drafters_lib.make_drafter(kind, draft_len=k, target_config=cfg, drafter_config=dcfg)
+    d = api.load_drafter(target, kind, draft_len=k, max_ngram=c.max_ngram, dtype=c.dtype,
+                         seed=c.seed, num_layers=int(arg) if arg.isdigit() else 2,
+                         checkpoint='target' if arg == 'target' else
+                         ('' if kind == 'draft_model' else arg))
   except ValueError as e:                   # CheckpointError, incompatible target, k too big
     raise UserError(f'drafter {entry!r}: {e}') from None
-  # The vocabulary subset is ids, not weights; the head is the target's embedding.
-  return d, jax.device_put(params), _count(params['net'])
-
-
-def _count(tree):
-  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+  return d.drafter, d.params, d.num_params
 
 
 # ----------------------------------------------------------------------------- timing

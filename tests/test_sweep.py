@@ -3,6 +3,7 @@ import collections
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -113,7 +114,7 @@ def test_bad_sweep_values_are_refused_before_anything_runs(key, value, message, 
   c = ablate.get_config('tiny')
   c.output = str(tmp_path / 'o')
   c[key] = value
-  with pytest.raises(UserError, match=message.replace('(', r'\(')):
+  with pytest.raises(UserError, match=re.escape(message)):
     sweep_lib.run(c)
   assert not (tmp_path / 'o').exists()
 
