@@ -8,7 +8,8 @@ on-device decode loop (prefill excluded) over `repeats` runs and reports the
 median. The roofline is what the weights alone cost: every matmul of one
 decode step (qkv, out, gate_up, down per layer; the LM head), each timed in
 isolation at the same number of rows, median of 20, summed. It also times the
-LM head at several rows as a plain einsum and vocabulary-chunked (model.lm_head).
+LM head at several rows as a plain einsum and as model.lm_head, and jnp.argmax
+against sampling.argmax over the vocabulary at 1 and 5 rows.
 All numbers come from one process; on a shared machine compare the ratios.
 """
 import json
@@ -19,7 +20,7 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 
-from specdec_jax import generate
+from specdec_jax import generate, sampling
 from specdec_jax.measure import median_seconds
 from specdec_jax.model import linear, lm_head
 from specdec_jax.targets import load_target
@@ -82,6 +83,13 @@ def main(_):
     head[rows] = dict(einsum_ms=round(plain * 1e3, 1), lm_head_ms=round(ours * 1e3, 1),
                       ratio=round(plain / ours, 2))
   print(json.dumps({'lm_head_by_rows': head}))
+  argmax = {}
+  for rows in (1, 5):
+    x = jax.random.normal(jax.random.key(0), (rows, cfg.vocab_size))
+    plain = median_seconds(jax.jit(lambda x: jnp.argmax(x, axis=-1)), x, repeats=20)
+    ours = median_seconds(jax.jit(sampling.argmax), x, repeats=20)
+    argmax[rows] = dict(jnp_argmax_ms=round(plain * 1e3, 2), ours_ms=round(ours * 1e3, 2))
+  print(json.dumps({'argmax_by_rows': argmax}))
   print('\n| batch | tok/s | ms/step | roofline tok/s | of roofline |\n|---|---|---|---|---|')
   for r in results:
     print(f"| {r['batch']} | {r['tokens_per_second']} | {r['ms_per_step']} | "

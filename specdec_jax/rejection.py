@@ -9,11 +9,13 @@ drafts and emits n + 1 tokens. The emitted tokens are distributed exactly as
 k+1 autoregressive draws from p. Greedy decoding is the T -> 0 limit: accept
 while x_i is the argmax of p_i, then emit the argmax at the first mismatch.
 
-Depends on nothing else in specdec_jax; p and q arrive already warped
+Depends only on `sampling` (its argmax); p and q arrive already warped
 (temperature / top-k / top-p applied to both by `sampling.warp`).
 """
 import jax
 import jax.numpy as jnp
+
+from specdec_jax.sampling import argmax
 
 
 def _leading_true(accepted):
@@ -27,7 +29,7 @@ def accept_greedy(draft_tokens, target_logits):
   n = how many drafts equal the target's argmax; next_token = the target's
   argmax right after them (the correction, or the bonus token when n = k).
   """
-  best = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)        # [B, k+1]
+  best = argmax(target_logits)                                        # [B, k+1]
   n = _leading_true(draft_tokens == best[:, :-1])
   return n, jnp.take_along_axis(best, n[:, None], axis=1)[:, 0]
 

@@ -61,3 +61,13 @@ def test_sample_follows_the_distribution():
   nz = expected > 0
   chi2 = (((counts - expected)[nz]) ** 2 / expected[nz]).sum()
   assert chi2 < 18.47, chi2                                 # chi2(4 dof) 0.999 quantile
+
+
+def test_argmax_is_jnp_argmax_first_index_on_ties():
+  x = jax.random.normal(jax.random.key(0), (3, 7, 1000))
+  x = x.at[:, :, 500].set(x.max() + 1).at[:, :, 700].set(x.max() + 1)   # tie: 500 wins
+  x = x.at[1, 2].set(jax.random.normal(jax.random.key(1), (1000,)))     # no tie in one row
+  got = sampling.argmax(x)
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(got, jnp.argmax(x, axis=-1))
+  assert int(got[0, 0]) == 500
