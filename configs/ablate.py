@@ -57,6 +57,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.temperatures = '0,0.7,1.0'
   c.batch_sizes = '1'
   c.max_ngram = 3
+  c.min_ngram = 1                     # ngram: shorter matches abstain (an AR step)
   arg = arg or 'full'
   if arg == 'full':
     pass

@@ -36,6 +36,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.drafter_checkpoint = ''   # mtp / heads: a trained drafter's folder; '' = the shipped one
   c.draft_len = 4             # k: tokens drafted per round
   c.max_ngram = 3             # ngram: longest suffix matched
+  c.min_ngram = 1             # ngram: shorter matches abstain (the round is an AR step)
   c.draft_model = 'tiny'      # draft_model: 'tiny' (random 2-layer Gemma) | 'target' (itself)
   c.draft_vocab_size = 0      # draft_model=tiny: 0 = the target's (must match)
   c.parallel = 'auto'         # auto | none | pmap | mesh

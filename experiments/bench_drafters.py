@@ -100,7 +100,8 @@ def main(_):
       identical = [r['completion_ids'] for r in rows] == [r['completion_ids'] for r in ar_rows]
       if greedy:
         assert identical, f'{domain}/{kind}: greedy speculative output differs from AR'
-      acc = np.sum([r['accepted_by_position'] for r in rows], axis=0) / calls
+      acc = (np.sum([r['accepted_by_position'] for r in rows], axis=0)
+             / max(sum(r['draft_calls'] for r in rows), 1))
       res = dict(domain=domain, drafter=kind, draft_len=k, temperature=_TEMP.value,
                  prompts=len(prompts), new_tokens=tokens,
                  ar_tokens_per_second=round(ar_tokens / ar_s, 2),

@@ -1,17 +1,20 @@
 """Speculative vs plain autoregressive decoding, Gemma 3 270M, same process.
 
     python -m experiments.bench_spec                       # ngram, k=4, ~4 min here
-    python -m experiments.bench_spec --drafter=ngram --draft_len=6 --new_tokens=128
+    python -m experiments.bench_spec --draft_len=8 --min_ngram=2 --max_ngram=5
 
 Same prompts, same max tokens, greedy; each mode compiled first (reported
 separately), then `repeats` timed runs per prompt, median. Prints per mode:
 tok/s, ms/token, the speedup over AR, mean tokens per target call, the
 per-position acceptance, and the measured costs behind the Leviathan et al.
 prediction: v = one verify call on k+1 tokens / one T=1 target step, c = one
-draft of k tokens / (k target steps). Predicted speedup = E / (k c + v)
-with E the measured tokens per call; the α-form (1-α^(k+1))/((1-α)(kc+v))
-uses α fitted to E. The prompts are repetitive code, where prompt lookup
-shines (no HumanEval: those are held out for the drafter evaluations).
+draft of k tokens / (k target steps). Predicted speedup = E / (f (k c + v)
++ 1 - f) with E the measured tokens per target call and f the fraction of
+calls that verified a draft (the drafter abstains where it finds no match of
+min_ngram tokens: those calls are AR steps); the α-form uses α fitted to the
+tokens per verify call (measure.predicted_speedup). The prompts are repetitive code
+(experiments/prompts/repetitive.jsonl), where prompt lookup shines (no
+HumanEval: those are held out for the drafter evaluations).
 """
 import json
 import statistics
@@ -22,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specdec_jax import drafters, generate
-from specdec_jax.measure import fit_alpha, median_seconds
+from specdec_jax import drafters, generate, sweep
+from specdec_jax.measure import fit_alpha, median_seconds, predicted_speedup
 from specdec_jax.model import KVCache, Transformer
 from specdec_jax.targets import load_target
 
@@ -31,17 +34,10 @@ _DRAFTER = flags.DEFINE_enum('drafter', 'ngram', ['ngram'], 'Drafter kind.')
 _K = flags.DEFINE_integer('draft_len', 4, 'Tokens drafted per round.')
 _NEW = flags.DEFINE_integer('new_tokens', 128, 'New tokens per prompt.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs per prompt (median).')
+_MIN_N = flags.DEFINE_integer('min_ngram', 1, 'Shortest match the ngram drafter drafts from '
+                              '(shorter: it abstains and the round is an AR step).')
+_MAX_N = flags.DEFINE_integer('max_ngram', 3, 'Longest match tried first.')
 
-PROMPTS = [
-    'class Vector:\n    def __init__(self, x, y, z):\n        self.x = x\n        self.y = y\n'
-    '        self.z = z\n\n    def __add__(self, other):\n        return Vector(self.x + other.x, '
-    'self.y + other.y, self.z + other.z)\n\n    def __sub__(self, other):\n',
-    'def test_parse_int():\n    assert parse("1") == 1\n\n\ndef test_parse_float():\n'
-    '    assert parse("1.5") == 1.5\n\n\ndef test_parse_list():\n    assert parse("[1, 2]") == [1, 2]\n\n\n',
-    'config = {\n    "learning_rate": 0.001,\n    "batch_size": 32,\n    "num_epochs": 10,\n'
-    '    "optimizer": "adam",\n}\n\nfor key, value in config.items():\n    print(f"{key}: {value}")\n\n'
-    'defaults = {\n    "learning_rate":',
-]
 
 
 def run_mode(gen, params, prompts, dparams):
@@ -79,11 +75,12 @@ def main(_):
   target = load_target('gemma3_270m')
   cfg, params, tok = target.config, target.params, target.tokenizer
   k = _K.value
-  prompts = [tok.encode(p) for p in PROMPTS]
+  prompts = sweep.load_prompts(sweep.PROMPT_DIR, 'repetitive', tok, 100, 0)
   cache = max(generate.bucket(len(p)) for p in prompts) + _NEW.value + k + 1
   cache = -(-cache // 128) * 128
   ar_gen = generate.Generator(cfg, cache_size=cache, greedy=True)
-  drafter = drafters.NgramDrafter(k, cfg.vocab_size)
+  drafter = drafters.NgramDrafter(k, cfg.vocab_size, max_ngram=_MAX_N.value,
+                                  min_ngram=_MIN_N.value)
   sp_gen = generate.Generator(cfg, cache_size=cache, greedy=True, drafter=drafter)
   ar_c, ar_s, ar_rows = run_mode(ar_gen, params, prompts, None)
   sp_c, sp_s, sp_rows = run_mode(sp_gen, params, prompts, None)
@@ -91,7 +88,8 @@ def main(_):
       'greedy speculative output differs from autoregressive'
   tokens = sum(r['new_tokens'] for r in sp_rows)
   calls = sum(r['target_calls'] for r in sp_rows)
-  accepted = np.sum([r['accepted_by_position'] for r in sp_rows], axis=0) / calls
+  draft_calls = sum(r['draft_calls'] for r in sp_rows)     # the rest: AR steps (abstained)
+  accepted = np.sum([r['accepted_by_position'] for r in sp_rows], axis=0) / max(draft_calls, 1)
 
   # Measured costs: one target step at T=1 and T=k+1 on a warm cache, one draft.
   apply = jax.jit(lambda p, x, c: Transformer(cfg).apply({'params': p}, x, c)[0])
@@ -103,7 +101,9 @@ def main(_):
   td = median_seconds(lambda: propose(toks, jnp.array([len(prompts[0])])))
   v, c = tk / t1, td / (k * t1)
   e = tokens / calls
-  alpha = fit_alpha(e, k)
+  f = draft_calls / calls
+  e_verify = (tokens - (calls - draft_calls)) / max(draft_calls, 1)
+  alpha = fit_alpha(e_verify, k)
   summary = {
       'drafter': _DRAFTER.value, 'draft_len': k, 'prompts': len(prompts), 'new_tokens': tokens,
       'ar_tokens_per_second': round(tokens / ar_s, 2),
@@ -112,11 +112,12 @@ def main(_):
       'ar_ms_per_token': round(ar_s / tokens * 1e3, 2),
       'spec_ms_per_token': round(sp_s / tokens * 1e3, 2),
       'mean_accepted_per_call': round(e, 3),
+      'verify_fraction': round(f, 3), 'tokens_per_verify': round(e_verify, 3),
       'acceptance_by_position': [round(float(a), 3) for a in accepted],
       'verify_cost_v': round(v, 3), 'draft_cost_c': round(c, 4),
-      'predicted_speedup': round(e / (k * c + v), 3),
+      'predicted_speedup': round(e / (f * (k * c + v) + 1 - f), 3),
       'alpha_fitted': round(alpha, 3),
-      'predicted_speedup_alpha': round((1 - alpha ** (k + 1)) / ((1 - alpha) * (k * c + v)), 3),
+      'predicted_speedup_alpha': round(predicted_speedup(alpha, k, c, v, f), 3),
       'compile_seconds': {'ar': round(ar_c, 2), 'spec': round(sp_c, 2)},
       'greedy_outputs_identical': True,
   }

@@ -59,7 +59,8 @@ class Result:
 
 
 def load_drafter(target: Target, kind: str, *, draft_len: int = 4, checkpoint: str = '',
-                 max_ngram: int = 3, num_layers: int = 2, dtype: str = 'float32',
+                 max_ngram: int = 3, min_ngram: int = 1, num_layers: int = 2,
+                 dtype: str = 'float32',
                  seed: int = 0) -> Drafter:
   """kind: 'ngram'; 'mtp' / 'heads' (checkpoint '' = the one shipped for the
   target); 'draft_model' (checkpoint '' = a random `num_layers` Gemma with the
@@ -70,8 +71,8 @@ def load_drafter(target: Target, kind: str, *, draft_len: int = 4, checkpoint: s
   cfg = target.config
   count = lambda tree: int(sum(np.size(x) for x in jax.tree.leaves(tree)))
   if kind == 'ngram':
-    return Drafter(drafters_lib.NgramDrafter(draft_len, cfg.vocab_size, max_ngram=max_ngram),
-                   None, kind)
+    return Drafter(drafters_lib.NgramDrafter(draft_len, cfg.vocab_size, max_ngram=max_ngram,
+                                             min_ngram=min_ngram), None, kind)
   if kind == 'draft_model':
     dcfg = cfg if checkpoint == 'target' else config_lib.tiny(
         vocab_size=cfg.vocab_size, num_layers=num_layers, dtype=dtype, param_dtype=dtype)
@@ -120,10 +121,11 @@ def generate(target: Target, prompts: Sequence[Union[str, Sequence[int]]], *,
   seconds = time.perf_counter() - t
   rows = gen_lib.completions(state, cfg.eos_id)
   calls = sum(r['target_calls'] for r in rows)
+  draft_calls = sum(r['draft_calls'] for r in rows)
   accepted = np.sum([r['accepted_by_position'] for r in rows], axis=0) if k else np.zeros(0)
   return Result(texts=[tok.decode(r['completion_ids']) for r in rows],
                 completion_ids=[r['completion_ids'] for r in rows],
                 new_tokens=sum(r['new_tokens'] for r in rows), target_calls=calls,
                 seconds=seconds, compile_seconds=compile_s,
-                acceptance_by_position=[float(a) / max(calls, 1) for a in accepted],
+                acceptance_by_position=[float(a) / max(draft_calls, 1) for a in accepted],
                 devices=runner.num_devices, parallel=runner.mode)

@@ -16,6 +16,15 @@ Every drafter is a frozen, hashable dataclass (static under jit) with:
   commit(state, lengths) -> state
       after acceptance: rows now hold `lengths` tokens.
 
+Optionally, `has_draft(tokens, lengths) -> [B] bool`: a drafter that can
+abstain says per row whether it has a proposal worth a verify pass. A round
+in which every unfinished row abstains is a plain autoregressive step (one
+target call on one token: ~1 decode step instead of a verify pass over k+1);
+in a mixed round the abstaining rows accept nothing and draw their token as an
+autoregressive step would. The decision must depend only on the sequence so
+far (never on the drafted tokens' values), which keeps sampling exact, and
+such a drafter must keep no state that an autoregressive step invalidates.
+
 Kinds here: `NgramDrafter` (prompt lookup, no parameters),
 `DraftModelDrafter` (an independent small Gemma-architecture LM with its own
 KV cache), and the trained target-conditioned kinds `MTPDrafter` (Gemma 4
@@ -53,8 +62,10 @@ class NgramDrafter:
   """Prompt lookup: find the most recent earlier occurrence of the context's
   last n tokens (longest n first, from max_ngram down to min_ngram) and
   propose the k tokens that followed it. Deterministic, so q is one-hot.
-  With no match it proposes the last token repeated (a cheap, usually wrong
-  guess: the round still emits one token).
+  With no match of at least min_ngram tokens it abstains (`has_draft`): a
+  verify pass over guesses would cost more than the autoregressive step it
+  replaces. In a batch where other rows do verify, its draft is the last
+  token repeated, and the round treats the row as abstaining.
   """
   draft_len: int
   vocab_size: int
@@ -67,10 +78,10 @@ class NgramDrafter:
   def commit(self, state, lengths):
     return state
 
-  def propose(self, tokens, lengths):
-    """tokens [B, S], lengths [B] -> draft tokens [B, k]."""
+  def _match(self, tokens, lengths):
+    """[B] int32: where the proposal starts in `tokens` (-1: no match)."""
     B, S = tokens.shape
-    k, m = self.draft_len, self.max_ngram
+    m = self.max_ngram
     starts = jnp.arange(S)                                              # candidate j
     # suffix[b, i] = tokens[b, L - m + i]: the last m tokens (clamped at 0).
     suffix = jnp.take_along_axis(
@@ -91,7 +102,15 @@ class NgramDrafter:
       found = cand >= 0
       # Longer n-grams win: later iterations (larger n) overwrite.
       best_start = jnp.where(found, cand + n, best_start)
-    idx = best_start[:, None] + jnp.arange(k)[None, :]                  # [B, k]
+    return best_start
+
+  def has_draft(self, tokens, lengths):
+    return self._match(tokens, lengths) >= 0
+
+  def propose(self, tokens, lengths):
+    """tokens [B, S], lengths [B] -> draft tokens [B, k]."""
+    best_start = self._match(tokens, lengths)
+    idx = best_start[:, None] + jnp.arange(self.draft_len)[None, :]    # [B, k]
     # Past the known context (idx >= L) repeat the last known token.
     idx = jnp.where((best_start[:, None] >= 0) & (idx < lengths[:, None]), idx,
                     lengths[:, None] - 1)
@@ -238,11 +257,12 @@ def check_compatible(dcfg: DrafterConfig, target_config: ModelConfig):
 
 
 def make_drafter(kind: str, *, draft_len: int, target_config: ModelConfig,
-                 drafter_config=None, max_ngram: int = 3):
+                 drafter_config=None, max_ngram: int = 3, min_ngram: int = 1):
   """A drafter of `kind`; `drafter_config` is a ModelConfig for 'draft_model'
   and a DrafterConfig for 'mtp' / 'heads'."""
   if kind == 'ngram':
-    return NgramDrafter(draft_len, target_config.vocab_size, max_ngram=max_ngram)
+    return NgramDrafter(draft_len, target_config.vocab_size, max_ngram=max_ngram,
+                        min_ngram=min_ngram)
   if kind == 'draft_model':
     if drafter_config.vocab_size != target_config.vocab_size:
       raise ValueError(f'the drafter vocabulary ({drafter_config.vocab_size}) differs '

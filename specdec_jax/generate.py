@@ -57,8 +57,11 @@ class DecodeState:
   hidden: jax.Array           # [B, D] target's final-normed hidden at position
                               # lengths - 2 (it predicted the pending token)
   target_calls: jax.Array     # [B] int32: target calls while the row was active
+  draft_calls: jax.Array      # [B] int32: those that verified a draft (the rest
+                              # were autoregressive steps: the drafter abstained)
   accepted: jax.Array         # [B, k] int32: rounds in which draft i was accepted
-  step: jax.Array             # [] int32
+  step: jax.Array             # [] int32: rounds run
+  verify_rounds: jax.Array    # [] int32: those that verified drafts
   batch: Batch
   drafter_state: Any = None
 
@@ -87,11 +90,13 @@ class Generator:
     return self.model.apply({'params': params}, tokens, cache,
                             compute_logits=compute_logits)
 
-  def next_tokens(self, logits, batch: Batch, positions):
-    """Draws each row's next token from logits [B, V] for the given positions."""
+  def next_tokens(self, logits, batch: Batch, positions, probs=None):
+    """Draws each row's next token from logits [B, V] for the given positions
+    (`probs`: their warped distribution, when already computed)."""
     if self.greedy:
       return sampling.greedy(logits)
-    probs = sampling.warp(logits, batch.temperature, batch.top_k, batch.top_p)
+    if probs is None:
+      probs = sampling.warp(logits, batch.temperature, batch.top_k, batch.top_p)
     # The key depends on (row stream, position) only: a row's sample is the
     # same whatever else shares its batch.
     keys = jax.vmap(jax.random.fold_in)(batch.keys, positions)
@@ -116,8 +121,10 @@ class Generator:
     return DecodeState(tokens=tokens, lengths=batch.prompt_lengths,
                        done=~batch.active | (batch.prompt_lengths >= batch.limits),
                        cache=cache, hidden=hidden, target_calls=jnp.zeros((B,), jnp.int32),
+                       draft_calls=jnp.zeros((B,), jnp.int32),
                        accepted=jnp.zeros((B, self.draft_len), jnp.int32),
-                       step=jnp.zeros((), jnp.int32), batch=batch,
+                       step=jnp.zeros((), jnp.int32), verify_rounds=jnp.zeros((), jnp.int32),
+                       batch=batch,
                        drafter_state=drafter_state)
 
   def _ar_step(self, params, state: DecodeState) -> DecodeState:
@@ -137,8 +144,13 @@ class Generator:
         cache=cache.replace(lengths=lengths - 1),
         target_calls=state.target_calls + live, step=state.step + 1)
 
-  def _spec_round(self, params, drafter_params, state: DecodeState) -> DecodeState:
-    """Draft k -> verify k+1 in one target call -> accept per row -> write."""
+  def _spec_round(self, params, drafter_params, state: DecodeState, abstain=None) -> DecodeState:
+    """Draft k -> verify k+1 in one target call -> accept per row -> write.
+
+    Rows in `abstain` ([B] bool, or None) accept no draft and draw their token
+    from the target's first distribution exactly as `_ar_step` would (same
+    key), so a row's output does not depend on whether its batch verified.
+    """
     b, k = state.batch, self.draft_len
     B = state.tokens.shape[0]
     L = state.lengths
@@ -158,6 +170,10 @@ class Generator:
       p = sampling.warp(logits.reshape(B * (k + 1), -1), rep(b.temperature), rep(b.top_k),
                         rep(b.top_p)).reshape(B, k + 1, -1)
       n, nxt = rejection.accept_sampled(accept_keys, drafts, q, p)
+    if abstain is not None:
+      n = jnp.where(abstain, 0, n)
+      first = self.next_tokens(logits[:, 0], b, L, None if self.greedy else p[:, 0])
+      nxt = jnp.where(abstain, first, nxt)
     # Emitted this round: x_1..x_n then the correction / bonus token.
     slot = jnp.arange(k + 1)
     emitted = jnp.where(slot < n[:, None], jnp.concatenate([drafts, drafts[:, :1]], 1),
@@ -183,7 +199,9 @@ class Generator:
         tokens=tokens, lengths=lengths, done=done, hidden=hidden,
         cache=cache.replace(lengths=lengths - 1),
         drafter_state=self.drafter.commit(dstate, lengths),
-        target_calls=state.target_calls + live, accepted=accepted, step=state.step + 1)
+        target_calls=state.target_calls + live,
+        draft_calls=state.draft_calls + (live if abstain is None else live & ~abstain),
+        accepted=accepted, step=state.step + 1, verify_rounds=state.verify_rounds + 1)
 
   def _draft(self, params, drafter_params, state: DecodeState):
     """The draft half of a round: (drafts [B, k], q or None, drafter state)."""
@@ -211,7 +229,16 @@ class Generator:
   def _step(self, params, drafter_params, state):
     if self.drafter is None:
       return self._ar_step(params, state)
-    return self._spec_round(params, drafter_params, state)
+    if not hasattr(self.drafter, 'has_draft'):
+      return self._spec_round(params, drafter_params, state)
+    # A drafter that can abstain: when no unfinished row has a proposal, one
+    # target step on the pending token beats a verify pass over k+1 guesses.
+    abstain = ~self.drafter.has_draft(state.tokens, state.lengths)
+    def ar(s):
+      s = self._ar_step(params, s)
+      return s.replace(drafter_state=self.drafter.commit(s.drafter_state, s.lengths))
+    return jax.lax.cond(jnp.all(abstain | state.done), ar,
+                        lambda s: self._spec_round(params, drafter_params, s, abstain), state)
 
   @functools.partial(jax.jit, static_argnames=('self',), donate_argnames=('state',))
   def step(self, params, state: DecodeState, drafter_params=None) -> DecodeState:
@@ -261,6 +288,7 @@ def completions(state: DecodeState, eos_id: int) -> List[dict]:
   b = state.batch
   plen, active = np.asarray(b.prompt_lengths), np.asarray(b.active)
   calls = np.asarray(state.target_calls)
+  draft_calls = np.asarray(state.draft_calls)
   accepted = np.asarray(state.accepted)
   out = []
   for i in np.flatnonzero(active):
@@ -270,5 +298,6 @@ def completions(state: DecodeState, eos_id: int) -> List[dict]:
                     completion_ids=ids[:-1] if eos else ids,
                     finish_reason='eos' if eos else 'length',
                     new_tokens=len(ids), target_calls=int(calls[i]),
+                    draft_calls=int(draft_calls[i]),
                     accepted_by_position=accepted[i].tolist()))
   return out

@@ -61,8 +61,8 @@ def validate(c) -> None:
     raise UserError(f'draft_len must be >= 1, got {c.draft_len}')
   if c.draft_model not in DRAFT_MODELS:
     raise UserError(f'unknown draft_model {c.draft_model!r}; choose one of {", ".join(DRAFT_MODELS)}')
-  if c.max_ngram < 1:
-    raise UserError(f'max_ngram must be >= 1, got {c.max_ngram}')
+  if not 1 <= c.min_ngram <= c.max_ngram:
+    raise UserError(f'need 1 <= min_ngram <= max_ngram, got {c.min_ngram} and {c.max_ngram}')
   if c.parallel not in PARALLEL:
     raise UserError(f'unknown parallel mode {c.parallel!r}; choose one of {", ".join(PARALLEL)}')
   if c.num_devices < 0:
@@ -140,7 +140,7 @@ def make_drafter(c, target):
   try:
     if kind == 'ngram':
       return drafters.make_drafter('ngram', draft_len=c.draft_len, target_config=cfg,
-                                   max_ngram=c.max_ngram), None
+                                   max_ngram=c.max_ngram, min_ngram=c.min_ngram), None
     if c.draft_model == 'target':     # the target drafting for itself: always right
       return drafters.make_drafter('draft_model', draft_len=c.draft_len, target_config=cfg,
                                    drafter_config=cfg), target.params
@@ -199,7 +199,8 @@ def run(c) -> dict:
   compiled = {}
   part_ms, total_rounds = None, 0
   compile_seconds = gen_seconds = 0.0
-  new_tokens = target_calls = 0
+  new_tokens = target_calls = draft_calls = 0
+  verify_rounds = 0
   accepted_total = np.zeros(k, np.int64)
   out_path = pathlib.Path(c.output)
   out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -226,25 +227,29 @@ def run(c) -> dict:
         t = time.perf_counter()
         part_ms = time_parts(gen, target.params, drafter_params, state)
         compile_seconds += time.perf_counter() - t - 10 * sum(part_ms) / 1e3
-      rounds = int(state.step)
+      # pmap returns one loop counter per device: the batch took the longest.
+      rounds = int(np.max(state.step))
       total_rounds += rounds
+      verify_rounds += int(np.max(state.verify_rounds))
       results = gen_lib.completions(state, cfg.eos_id)
       for (i, s), r in zip(chunk, results):
         new_tokens += r['new_tokens']
         target_calls += r['target_calls']
+        draft_calls += r['draft_calls']
         accepted_total += np.array(r['accepted_by_position'], np.int64)
         line = {'index': i, 'sample': s, 'prompt_ids': r['prompt_ids'],
                 'completion_ids': r['completion_ids'],
                 'completion': tok.decode(r['completion_ids']),
                 'finish_reason': r['finish_reason'],
                 'stats': {'new_tokens': r['new_tokens'], 'target_calls': r['target_calls'],
+                          'draft_calls': r['draft_calls'],
                           'mean_accepted_per_call': round(r['new_tokens'] / max(r['target_calls'], 1), 4),
                           'acceptance_by_position': [
-                              round(a / max(r['target_calls'], 1), 4) for a in r['accepted_by_position']],
+                              round(a / max(r['draft_calls'], 1), 4) for a in r['accepted_by_position']],
                           'seconds': round(seconds, 4)}}
-        if part_ms:                     # this row's batch: rounds x measured cost
-          line['stats'].update(draft_seconds=round(rounds * part_ms[0] / 1e3, 4),
-                               verify_seconds=round(rounds * part_ms[1] / 1e3, 4))
+        if part_ms:                     # this row's batch: verify rounds x measured cost
+          line['stats'].update(draft_seconds=round(int(state.verify_rounds) * part_ms[0] / 1e3, 4),
+                               verify_seconds=round(int(state.verify_rounds) * part_ms[1] / 1e3, 4))
         if 'prompt' in rows[i]:
           line['prompt'] = rows[i]['prompt']
         out.write(json.dumps(line) + '\n')
@@ -255,21 +260,23 @@ def run(c) -> dict:
   return {
       'model': c.model, 'drafter': resolve_drafter(c), 'output': str(out_path),
       'prompts': len(prompts), 'samples': len(jobs), 'batch_size': c.batch_size,
-      'new_tokens': new_tokens, 'target_calls': target_calls,
+      'new_tokens': new_tokens, 'target_calls': target_calls, 'draft_calls': draft_calls,
       'mean_accepted_per_call': round(new_tokens / max(target_calls, 1), 4),
       'draft_len': k,
-      'acceptance_by_position': [round(float(a) / max(target_calls, 1), 4) for a in accepted_total],
+      'acceptance_by_position': [round(float(a) / max(draft_calls, 1), 4) for a in accepted_total],
       'parallel': runner.mode, 'devices': runner.num_devices,
       'tokens_per_second': round(new_tokens / gen_seconds, 3) if gen_seconds else 0.0,
       'generate_seconds': round(gen_seconds, 3),
       'compile_seconds': round(compile_seconds, 3), 'load_seconds': round(load_seconds, 3),
       'cache_size': cache_size,
       # Draft vs verify: each half timed alone (median of 5) on the first
-      # batch's state, times the rounds run; null for plain AR or pmap/mesh.
+      # batch's state, times the rounds that verified (the others were plain
+      # AR steps: the drafter abstained); null for plain AR or pmap/mesh.
       'draft_ms_per_round': part_ms and round(part_ms[0], 3),
       'verify_ms_per_round': part_ms and round(part_ms[1], 3),
-      'draft_seconds': part_ms and round(total_rounds * part_ms[0] / 1e3, 3),
-      'verify_seconds': part_ms and round(total_rounds * part_ms[1] / 1e3, 3),
+      'rounds': total_rounds, 'verify_rounds': verify_rounds,
+      'draft_seconds': part_ms and round(verify_rounds * part_ms[0] / 1e3, 3),
+      'verify_seconds': part_ms and round(verify_rounds * part_ms[1] / 1e3, 3),
   }
 
 

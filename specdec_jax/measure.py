@@ -31,8 +31,12 @@ def fit_alpha(tokens_per_call: float, k: int):
   return lo
 
 
-def predicted_speedup(alpha: float, k: int, c: float, v: float) -> float:
+def predicted_speedup(alpha: float, k: int, c: float, v: float,
+                      verify_fraction: float = 1.0) -> float:
   """Leviathan et al.: expected tokens per round / cost of a round in AR steps
-  (k drafts at c each, one verify pass at v)."""
+  (k drafts at c each, one verify pass at v). With a drafter that abstains,
+  a fraction 1 - f of the target calls are plain AR steps (1 token, cost 1):
+  (f E + 1 - f) / (f (k c + v) + 1 - f), E the expected tokens per verify."""
   tokens = (1 - alpha ** (k + 1)) / (1 - alpha) if alpha < 1 else k + 1
-  return tokens / (k * c + v)
+  f = verify_fraction
+  return (f * tokens + 1 - f) / (f * (k * c + v) + 1 - f)

@@ -120,8 +120,9 @@ def parse(c):
   for key in ('prompts_per_domain', 'max_new_tokens', 'repeats'):
     if c[key] < 1:
       raise UserError(f'{key} must be >= 1, got {c[key]}')
-  if c.max_prompt_len < 0 or c.max_ngram < 1:
-    raise UserError('max_prompt_len must be >= 0 (0 = whole prompts) and max_ngram >= 1')
+  if c.max_prompt_len < 0 or not 1 <= c.min_ngram <= c.max_ngram:
+    raise UserError('max_prompt_len must be >= 0 (0 = whole prompts) and '
+                    '1 <= min_ngram <= max_ngram')
   if not c.output:
     raise UserError('output must name a results folder')
   out = pathlib.Path(c.output)
@@ -171,7 +172,8 @@ def build_drafter(entry, k, target, c):
   from specdec_jax import api
   kind, _, arg = entry.partition(':')
   try:
-    d = api.load_drafter(target, kind, draft_len=k, max_ngram=c.max_ngram, dtype=c.dtype,
+    d = api.load_drafter(target, kind, draft_len=k, max_ngram=c.max_ngram,
+                         min_ngram=c.min_ngram, dtype=c.dtype,
                          seed=c.seed, num_layers=int(arg) if arg.isdigit() else 2,
                          checkpoint='target' if arg == 'target' else
                          ('' if kind == 'draft_model' else arg))
@@ -228,7 +230,7 @@ class Runner:
         rows.append(dict(prompt_index=i, batch=b, batch_seconds=seconds,
                          prompt_ids=r['prompt_ids'], completion_ids=ids,
                          finish_reason=r['finish_reason'], new_tokens=r['new_tokens'],
-                         target_calls=r['target_calls'],
+                         target_calls=r['target_calls'], draft_calls=r['draft_calls'],
                          accepted_by_position=r['accepted_by_position']))
     return rows, state
 
@@ -377,6 +379,8 @@ def aggregate(raw):
     k = point['draft_len']
     tokens = sum(r['new_tokens'] for r in rows)
     calls = sum(r['target_calls'] for r in rows)
+    # Calls that verified drafts (the rest: AR steps where the drafter abstained).
+    draft_calls = sum(r.get('draft_calls', r['target_calls']) for r in rows)
     seconds = _batch_seconds(rows)
     base = ar[base_of(point)]
     ar_tps = sum(r['new_tokens'] for r in base) / _batch_seconds(base)
@@ -387,11 +391,12 @@ def aggregate(raw):
     e = tokens / calls
     f = rows[0]
     c_cost = v_cost = predicted = None
-    alpha = fit_alpha(e, k)
+    # alpha from the tokens per verify call (each AR step gave one token).
+    alpha = fit_alpha((tokens - calls + draft_calls) / max(draft_calls, 1), k) if k else None
     if k and f['draft_ms_per_round'] is not None:
       c_cost = f['draft_ms_per_round'] / (k * f['ar_ms_per_step'])
       v_cost = f['verify_ms_per_round'] / f['ar_ms_per_step']
-      predicted = predicted_speedup(alpha, k, c_cost, v_cost)
+      predicted = predicted_speedup(alpha, k, c_cost, v_cost, draft_calls / calls)
     pits = [x for r in rows if r['pit'] for x in r['pit']]
     identical = [r['identical_to_ar'] for r in rows if r['identical_to_ar'] is not None]
     table.append(dict(
@@ -399,8 +404,11 @@ def aggregate(raw):
         seconds=round(seconds, 4), tokens_per_second=round(tps, 3),
         ms_per_token=round(1e3 / tps, 2), speedup=round(tps / ar_tps, 3),
         mean_accepted_per_call=round(e, 3),
-        acceptance_rate=None if accepted is None else round(float(accepted.sum()) / (k * calls), 4),
-        acceptance_by_position=[] if accepted is None else [round(float(a) / calls, 4) for a in accepted],
+        draft_calls=draft_calls,
+        acceptance_rate=None if accepted is None else round(
+            float(accepted.sum()) / (k * max(draft_calls, 1)), 4),
+        acceptance_by_position=[] if accepted is None else [
+            round(float(a) / max(draft_calls, 1), 4) for a in accepted],
         alpha=None if alpha is None else round(alpha, 4),
         c=None if c_cost is None else round(c_cost, 4),
         v=None if v_cost is None else round(v_cost, 4),
@@ -419,7 +427,7 @@ def _round(x, n):
 
 
 CSV_COLUMNS = POINT_KEYS + (
-    'prompts', 'new_tokens', 'target_calls', 'seconds', 'tokens_per_second', 'ms_per_token',
+    'prompts', 'new_tokens', 'target_calls', 'draft_calls', 'seconds', 'tokens_per_second', 'ms_per_token',
     'speedup', 'mean_accepted_per_call', 'acceptance_rate', 'acceptance_by_position', 'alpha',
     'c', 'v', 'predicted_speedup', 'greedy_identical', 'pit_p_value', 'logprob_per_token',
     'ar_logprob_per_token', 'drafter_params', 'compile_seconds')

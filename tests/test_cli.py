@@ -97,16 +97,18 @@ def test_missing_config_file():
   assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'nope.py' in r.stderr, r.stderr
 
 
-@pytest.mark.parametrize('drafter', ['ngram', 'draft_model'])
-def test_speculative_job_matches_autoregressive(tmp_path, drafter):
+@pytest.mark.parametrize('drafter,parallel', [('ngram', 'none'), ('draft_model', 'none'),
+                                              ('ngram', 'pmap')])
+def test_speculative_job_matches_autoregressive(tmp_path, drafter, parallel):
   """Greedy through the CLI: same completions as plain AR, fewer target calls
-  for the target drafting for itself."""
+  for the target drafting for itself; pmap over the 8 fake devices too."""
   outs = {}
+  batch = '8' if parallel == 'pmap' else '2'
   for name, extra in [('ar', []), ('spec', [f'--config.drafter={drafter}', '--config.draft_len=3',
                                              '--config.draft_model=target'])]:
     out = tmp_path / f'{name}.jsonl'
     r = cli('--config.model=tiny', f'--config.output={out}', '--config.max_new_tokens=11',
-            '--config.batch_size=2', '--config.parallel=none', *extra)
+            f'--config.batch_size={batch}', f'--config.parallel={parallel}', *extra)
     assert r.returncode == 0, r.stderr
     outs[name] = ([json.loads(l) for l in out.read_text().splitlines()],
                   json.loads(r.stdout.strip().splitlines()[-1]))
@@ -115,6 +117,11 @@ def test_speculative_job_matches_autoregressive(tmp_path, drafter):
   assert len(spec_sum['acceptance_by_position']) == 3 and spec_sum['draft_len'] == 3
   assert all(len(l['stats']['acceptance_by_position']) == 3 for l in spec)
   assert spec_sum['mean_accepted_per_call'] == round(spec_sum['new_tokens'] / spec_sum['target_calls'], 4)
+  assert 0 < spec_sum['draft_calls'] <= spec_sum['target_calls']
+  assert 0 < spec_sum['verify_rounds'] <= spec_sum['rounds']
+  if parallel == 'pmap':             # the halves are timed on one device only
+    assert spec_sum['parallel'] == 'pmap' and spec_sum['draft_ms_per_round'] is None
+    return
   # Draft vs verify time, each half measured alone.
   assert spec_sum['draft_ms_per_round'] > 0 and spec_sum['verify_ms_per_round'] > 0
   assert all(l['stats']['draft_seconds'] > 0 and l['stats']['verify_seconds'] > 0 for l in spec)

@@ -102,6 +102,32 @@ def test_ragged_rows_equal_solo_runs_and_eos_mid_block(tiny):
       assert batched[i]['finish_reason'] == ar_eos[i]['finish_reason'], name
 
 
+def test_ngram_abstains_without_a_match(tiny):
+  """A pending token never seen before: the round is a plain AR step. A batch
+  mixing rows that abstain with rows that verify gives every row its solo run
+  (tokens and call counts), greedy and sampled."""
+  cfg, params = tiny
+  d = drafters.NgramDrafter(4, cfg.vocab_size)
+  prompts = [[2, 30, 31, 32, 33], [2, 10, 11, 12, 10, 11, 12, 10, 11]]
+  gen = lambda drafter, greedy: generate.Generator(cfg, cache_size=64, greedy=greedy,
+                                                   drafter=drafter)
+  def rows(drafter, greedy, idx):
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.array(idx))
+    batch = generate.make_batch([prompts[i] for i in idx], batch_size=len(idx), bucket_len=16,
+                                max_new_tokens=17, keys=keys, temperature=0.0 if greedy else 1.0)
+    return generate.completions(gen(drafter, greedy).generate(params, batch), cfg.eos_id)
+  for greedy in (True, False):
+    batched = rows(d, greedy, [0, 1])
+    solo = [rows(d, greedy, [i])[0] for i in (0, 1)]
+    stats = lambda r: (r['completion_ids'], r['target_calls'], r['draft_calls'])
+    assert [stats(r) for r in batched] == [stats(r) for r in solo], greedy
+    assert solo[0]['draft_calls'] < solo[0]['target_calls']     # abstained at least once
+    assert solo[1]['draft_calls'] > 0                            # and verified drafts
+    if greedy:
+      assert [r['completion_ids'] for r in batched] == [
+          r['completion_ids'] for r in rows(None, True, [0, 1])]
+
+
 # ----------------------------------------------------------------------------
 # Sampled: distribution equality against exact enumeration.
 # ----------------------------------------------------------------------------
@@ -136,7 +162,7 @@ def chi2_stat(samples, probs):
   return float(((obs - exp) ** 2 / exp).sum()), int(keep.sum()) - 1
 
 
-@pytest.mark.parametrize('kind', ['draft_model', 'mtp', 'heads'])
+@pytest.mark.parametrize('kind', ['draft_model', 'mtp', 'heads', 'ngram'])
 @pytest.mark.parametrize('temperature,top_k,top_p', [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.0, 0, 0.8)])
 def test_sampled_speculative_matches_autoregressive_distribution(temperature, top_k, top_p, kind):
   """4096 speculative samples of 3 tokens vs the exact AR marginals.
@@ -150,16 +176,22 @@ def test_sampled_speculative_matches_autoregressive_distribution(temperature, to
   params = init_params(cfg, jax.random.key(0))
   dparams = init_params(cfg, jax.random.key(3))
   drafter = drafters.DraftModelDrafter(cfg, 2)
-  if kind != 'draft_model':   # q = 0 outside its 12-token vocabulary
+  if kind in ('mtp', 'heads'):   # q = 0 outside its 12-token vocabulary
     drafter, dparams_kind = trained_drafter(cfg, kind, 2, seed=3, vocab_size=12)
   prompt, n, N = [2, 5, 9], 3, 4096
+  if kind == 'ngram':   # the first round drafts [9, 5]; later rows abstain on new tokens
+    drafter, dparams_kind = drafters.NgramDrafter(2, cfg.vocab_size), None
+    prompt = [2, 5, 9, 5]
   kw = dict(max_new=n, greedy=False, temperature=temperature, top_k=top_k, top_p=top_p,
             cache_size=16)
   spec = run(cfg, params, [prompt] * N, drafter,
              dparams if kind == 'draft_model' else dparams_kind, **kw)
   wrong = run(cfg, dparams, [prompt] * N, None, None, seed=1, **kw)     # the drafter's own AR
   calls = sum(s['target_calls'] for s in spec)
-  assert N * n / 3 < calls < N * n                   # some, not all, drafts accepted
+  if kind == 'ngram':   # both kinds of round ran (top-k may cut every proposal)
+    assert calls <= N * n and 0 < sum(s['draft_calls'] for s in spec) < calls
+  else:
+    assert N * n / 3 < calls < N * n                 # some, not all, drafts accepted
   exact = exact_marginals(cfg, params, prompt, n, temperature, top_k, top_p)
   for t in range(n):
     stat, dof = chi2_stat(np.array([s['completion_ids'][t] for s in spec]), exact[t])

@@ -78,8 +78,10 @@ def test_table_is_recomputed_from_raw(tiny_sweep):
     assert float(t['logprob_per_token']) == pytest.approx(
         sum(r['logprob_sum'] for r in rows) / tokens, abs=1e-4)
     k = int(t['draft_len'])
-    if k:
-      acc = np.sum([r['accepted_by_position'] for r in rows], axis=0) / calls
+    if k:   # per verify call: rounds where ngram abstained were AR steps
+      draft_calls = sum(r['draft_calls'] for r in rows)
+      assert int(t['draft_calls']) == draft_calls <= calls
+      acc = np.sum([r['accepted_by_position'] for r in rows], axis=0) / draft_calls
       assert [float(a) for a in t['acceptance_by_position'].split('/')] == pytest.approx(acc, abs=1e-4)
       assert float(t['v']) == pytest.approx(
           rows[0]['verify_ms_per_round'] / rows[0]['ar_ms_per_step'], abs=1e-4)
