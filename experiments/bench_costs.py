@@ -1,0 +1,229 @@
+"""What a decode-loop round costs, AR step vs verify round, on this machine;
+and the speedup that acceptance measured elsewhere would give here.
+
+    python -m experiments.bench_costs --output=costs_cpu.json          # Gemma 3 270M (~12 min here)
+    python -m experiments.bench_costs --weights=random --batch_sizes=1,8 \
+        --acceptance_from=costs_cpu.json --output=costs_gpu.json       # e.g. on a GPU
+
+Why: an accelerator machine may not hold the Gemma weights (the lent GPUs of
+this project reach no package index), but what a round costs depends on the
+shapes, not on the weights' values, and how many rounds of each kind a
+generation takes does not depend on the hardware (greedy outputs are the
+target's). So the speedup on machine M is projected as
+
+    AR steps x (AR step on M)
+      / (verify rounds x (verify round on M) + abstained rounds x (AR step on M))
+
+with the round counts from a run with the real weights (--acceptance_from)
+and the costs timed on M with weights of the same shapes. Abstained rounds
+are those where the drafter had no proposal and the round was an AR step
+(ngram without a match). At batch 1 the counts are exact; for larger batches
+they come from the per-prompt counts (a batch runs as long as its longest
+row; its verify rounds are taken as its rows' most, a lower bound).
+
+With the real weights the script measures the speedup itself. Run with random
+weights on the machine that measured the source, the projection sits beside
+that measured speedup: a check that a round's cost does not depend on the
+weights' values.
+
+Timing: the whole on-device loop (`Generator.decode`, prefill excluded), one
+compile per (batch size, drafter), then `repeats` runs per batch, median; a
+verify round's cost = (loop time - abstained rounds x AR step) / verify
+rounds. Prompt sets (experiments/prompts/): `repetitive` (bench_spec's
+repetitive code, where prompt lookup shines) and `code` (held-out HumanEval
+stubs). Greedy; with the real weights every speculative output is asserted
+identical to AR's.
+"""
+import json
+import pathlib
+import statistics
+import time
+
+from absl import app, flags
+import jax
+
+from specdec_jax import api, config as config_lib, generate, sweep
+from specdec_jax.model import init_params
+from specdec_jax.targets import Target, load_target
+
+_WEIGHTS = flags.DEFINE_enum('weights', 'gguf', ['gguf', 'random'],
+                             'gguf: the Gemma 3 270M weights; random: the same shapes, random values.')
+_DRAFTERS = flags.DEFINE_list('drafters', ['ngram:4', 'ngram:8', 'mtp:4'], 'kind:k entries.')
+_SETS = flags.DEFINE_list('prompt_sets', ['repetitive', 'code'], 'Prompt sets.')
+_BATCH = flags.DEFINE_list('batch_sizes', ['1'], 'Batch sizes (prompts repeat to fill rows).')
+_N = flags.DEFINE_integer('prompts', 3, 'Prompts per set.')
+_NEW = flags.DEFINE_integer('new_tokens', 128, 'New tokens per prompt.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs per batch (median).')
+_DTYPE = flags.DEFINE_string('dtype', 'float32', 'Weights and activations dtype.')
+_FROM = flags.DEFINE_string('acceptance_from', '', 'A JSON this script wrote with real weights: '
+                            'its prompts, new_tokens and round counts are used here.')
+_OUT = flags.DEFINE_string('output', '', 'Write the results JSON here.')
+
+
+def read_source():
+  """The --acceptance_from JSON ({} without one); a bad file is one error line."""
+  if not _FROM.value:
+    return {}
+  try:
+    src = json.loads(pathlib.Path(_FROM.value).read_text())
+    if src['weights'] != 'gguf' or not isinstance(src['prompts'], dict):
+      raise ValueError('not a run with the real weights')
+    return src
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise SystemExit(f'error: --acceptance_from={_FROM.value}: {e}') from None
+
+
+def parse_drafters():
+  """[(kind, k)] from 'kind:k' entries."""
+  out = []
+  for d in _DRAFTERS.value:
+    kind, _, k = d.partition(':')
+    if kind not in ('ngram', 'mtp', 'heads') or not k.isdigit() or int(k) < 1:
+      raise SystemExit(f'error: --drafters entry {d!r}: want ngram:K, mtp:K or heads:K')
+    out.append((kind, int(k)))
+  return out
+
+
+def prompt_sets(tok, source):
+  """{set: [ids]}: the source's if given, else tokenized here."""
+  if source:
+    return source['prompts']
+  if tok is None:
+    raise SystemExit('error: --weights=random needs --acceptance_from (its prompt ids)')
+  for name in _SETS.value:
+    if not (sweep.PROMPT_DIR / f'{name}.jsonl').is_file():
+      raise SystemExit(f'error: no prompt set {name!r} in {sweep.PROMPT_DIR}')
+  return {name: sweep.load_prompts(sweep.PROMPT_DIR, name, tok, _N.value, 0)
+          for name in _SETS.value}
+
+
+def layout(n_prompts, bs):
+  """Prompt index of every row, in batches of `bs` (prompts repeat to fill rows)."""
+  rows = [i % n_prompts for i in range(max(bs, n_prompts))]
+  return [rows[i:i + bs] for i in range(0, len(rows), bs)]
+
+
+def rounds_for(per_prompt, bs):
+  """Loop rounds for batches of `bs` from per-prompt round counts: a row's rounds
+  do not depend on what shares its batch (greedy), and a batch runs as many
+  rounds as its longest row."""
+  return sum(max(per_prompt[i] for i in rows) for rows in layout(len(per_prompt), bs))
+
+
+_COMPILED = {}
+
+
+def compiled(gen, params, dparams, b):
+  """(prefill, decode) compiled once per generator and batch shape (prompt sets share one)."""
+  key = (gen, b.prompts.shape)
+  if key not in _COMPILED:
+    pre = gen.prefill.lower(gen, params, b, dparams).compile()
+    dec = gen.decode.lower(gen, params, jax.eval_shape(lambda: pre(params, b, dparams)),
+                           dparams).compile()
+    _COMPILED[key] = pre, dec
+  return _COMPILED[key]
+
+
+def timed_loop(gen, params, dparams, batches):
+  """(median seconds per batch summed, rounds summed, verify rounds summed, completions)."""
+  total, rounds, verify, rows = 0.0, 0, 0, []
+  for b in batches:
+    pre, dec = compiled(gen, params, dparams, b)
+    times = []
+    for _ in range(_REPEATS.value):
+      state = jax.block_until_ready(pre(params, b, dparams))
+      t = time.perf_counter()
+      state = jax.block_until_ready(dec(params, state, dparams))
+      times.append(time.perf_counter() - t)
+    total += statistics.median(times)
+    rounds += int(state.step)
+    verify += int(state.verify_rounds)
+    rows += generate.completions(state, gen.config.eos_id)
+  return total, rounds, verify, rows
+
+
+def main(_):
+  parse_drafters()                  # bad input fails before anything loads
+  read_source()
+  if _WEIGHTS.value == 'gguf':
+    target = load_target('gemma3_270m', dtype=_DTYPE.value)
+  else:
+    cfg = config_lib.gemma3_270m(dtype=_DTYPE.value, param_dtype=_DTYPE.value)
+    target = Target('gemma3_270m', cfg, jax.device_put(init_params(cfg, jax.random.key(0))), None)
+  cfg, params = target.config, target.params
+  source = read_source()
+  sets = prompt_sets(target.tokenizer, source)
+  new_tokens = source.get('new_tokens', _NEW.value)
+  source = source.get('results', [])
+  specs = parse_drafters()
+  kmax = max(k for _, k in specs)
+  bucket_len = generate.bucket(max(len(p) for ps in sets.values() for p in ps))
+  cache = -(-(bucket_len + new_tokens + kmax + 1) // 128) * 128
+  results = []
+  for bs in map(int, _BATCH.value):
+    def batches(prompts):
+      return [generate.make_batch([prompts[i] for i in rows], batch_size=bs,
+                                  bucket_len=bucket_len, max_new_tokens=new_tokens,
+                                  keys=jax.random.split(jax.random.key(0), len(rows)))
+              for rows in layout(len(prompts), bs)]
+    ar = generate.Generator(cfg, cache_size=cache, greedy=True)
+    for name, prompts in sets.items():
+      ar_s, ar_rounds, _, ar_rows = timed_loop(ar, params, None, batches(prompts))
+      step_ms = ar_s / ar_rounds * 1e3
+      for kind, k in specs:
+        d = api.load_drafter(target, kind, draft_len=k, dtype=_DTYPE.value)
+        gen = generate.Generator(cfg, cache_size=cache, greedy=True, drafter=d.drafter)
+        sp_s, sp_rounds, sp_verify, rows = timed_loop(gen, params, d.params, batches(prompts))
+        tokens = sum(r['new_tokens'] for r in rows)
+        calls = sum(r['target_calls'] for r in rows)
+        if _WEIGHTS.value == 'gguf':
+          assert [r['completion_ids'] for r in rows] == [r['completion_ids'] for r in ar_rows], \
+              f'{name}/{kind}:{k}: greedy speculative output differs from AR'
+        # Rounds where the drafter abstained are AR steps: take them out at
+        # the AR loop's step cost to get what one verify round costs.
+        verify_ms = (sp_s * 1e3 - (sp_rounds - sp_verify) * step_ms) / max(sp_verify, 1)
+        res = dict(prompt_set=name, batch=bs, drafter=kind, draft_len=k,
+                   ar_rounds=ar_rounds, spec_rounds=sp_rounds, verify_rounds=sp_verify,
+                   tokens_per_call=round(tokens / calls, 3),
+                   ar_ms_per_step=round(step_ms, 3), verify_ms_per_round=round(verify_ms, 3),
+                   verify_cost_in_steps=round(verify_ms / step_ms, 3))
+        if bs == 1:   # per-prompt round counts, for projections at any batch size
+          res['calls_per_prompt'] = [r['target_calls'] for r in rows]
+          res['draft_calls_per_prompt'] = [r['draft_calls'] for r in rows]
+          res['tokens_per_prompt'] = [r['new_tokens'] for r in rows]
+        src = next((s for s in source if s['batch'] == 1 and all(
+            s[f] == res[f] for f in ('prompt_set', 'drafter', 'draft_len'))), None)
+        if src is not None:
+          # Verify rounds of a batch >= its rows' most (exact at batch 1).
+          rounds = rounds_for(src['calls_per_prompt'], bs)
+          verify = rounds_for(src['draft_calls_per_prompt'], bs)
+          ar_time = rounds_for(src['tokens_per_prompt'], bs) * step_ms
+          res['projected_speedup'] = round(
+              ar_time / (verify * verify_ms + (rounds - verify) * step_ms), 3)
+          res['source_tokens_per_call'] = src['tokens_per_call']
+          if bs == 1:
+            res['source_measured_speedup'] = src.get('measured_speedup')
+        if _WEIGHTS.value == 'gguf':
+          res['measured_speedup'] = round(ar_s / sp_s, 3)
+        results.append(res)
+        print(json.dumps(res), flush=True)
+  device = jax.devices()[0]
+  out = dict(weights=_WEIGHTS.value, dtype=_DTYPE.value, new_tokens=new_tokens,
+             device=f'{device.platform}: {device.device_kind}', prompts=sets, results=results)
+  if _OUT.value:
+    pathlib.Path(_OUT.value).write_text(json.dumps(out, indent=1))
+  print(f'\n{out["device"]}, {_WEIGHTS.value} weights, {_DTYPE.value}, '
+        f'{new_tokens} new tokens per prompt, greedy\n')
+  print('| prompts | batch | drafter (k) | AR ms/step | verify ms/round | verify / step | '
+        'tokens/call | measured speedup | projected speedup | source measured |')
+  print('|---|---|---|---|---|---|---|---|---|---|')
+  for r in results:
+    print(f'| {r["prompt_set"]} | {r["batch"]} | {r["drafter"]} ({r["draft_len"]}) | '
+          f'{r["ar_ms_per_step"]} | {r["verify_ms_per_round"]} | {r["verify_cost_in_steps"]} | '
+          f'{r.get("source_tokens_per_call", r["tokens_per_call"])} | '
+          f'{r.get("measured_speedup", "")} | {r.get("projected_speedup", "")} | '
+          f'{r.get("source_measured_speedup") or ""} |')
+
+
+if __name__ == '__main__':
+  app.run(main)
