@@ -54,6 +54,7 @@ BAD = [
     (['--config.max_new_tokens=many'], 'max_new_tokens'),
     (['--config.drafter=draft_model', '--config.draft_vocab_size=100'], 'vocabulary'),
     (['--config.drafter=ngram', '--config.draft_len=600', '--config.cache_size=256'], 'cache'),
+    (['--config.drafter=ngram', '--config.min_ngram=4'], 'min_ngram'),
     (['--config.num_devices=64'], 'device'),
     (['--config.parallel=pmap', '--config.num_devices=1', '--config.parallel=warp'], 'parallel'),
 ]
