@@ -144,12 +144,14 @@ class Generator:
         cache=cache.replace(lengths=lengths - 1),
         target_calls=state.target_calls + live, step=state.step + 1)
 
-  def _spec_round(self, params, drafter_params, state: DecodeState, abstain=None) -> DecodeState:
+  def _spec_round(self, params, drafter_params, state: DecodeState, abstain=None,
+                  drafted=None) -> DecodeState:
     """Draft k -> verify k+1 in one target call -> accept per row -> write.
 
     Rows in `abstain` ([B] bool, or None) accept no draft and draw their token
     from the target's first distribution exactly as `_ar_step` would (same
     key), so a row's output does not depend on whether its batch verified.
+    `drafted`: the draft half's result when the caller already ran it.
     """
     b, k = state.batch, self.draft_len
     B = state.tokens.shape[0]
@@ -159,7 +161,8 @@ class Generator:
     # independent of batch composition.
     keys = jax.vmap(jax.random.fold_in)(b.keys, L)
     accept_keys = jax.vmap(lambda key: jax.random.split(key))(keys)[:, 1]
-    drafts, q, dstate = self._draft(params, drafter_params, state)
+    drafts, q, dstate = (drafted if drafted is not None else
+                         self._draft(params, drafter_params, state))
     pending = jnp.take_along_axis(state.tokens, (L - 1)[:, None], axis=1)   # [B, 1]
     logits, hidden, cache = self.call_target(params, jnp.concatenate([pending, drafts], 1),
                                         state.cache)                       # [B, k+1, V]
@@ -233,12 +236,16 @@ class Generator:
       return self._spec_round(params, drafter_params, state)
     # A drafter that can abstain: when no unfinished row has a proposal, one
     # target step on the pending token beats a verify pass over k+1 guesses.
+    # The draft runs before the branch, next to has_draft, so XLA computes
+    # what they share (ngram's match) once.
     abstain = ~self.drafter.has_draft(state.tokens, state.lengths)
+    drafted = self._draft(params, drafter_params, state)
     def ar(s):
       s = self._ar_step(params, s)
       return s.replace(drafter_state=self.drafter.commit(s.drafter_state, s.lengths))
     return jax.lax.cond(jnp.all(abstain | state.done), ar,
-                        lambda s: self._spec_round(params, drafter_params, s, abstain), state)
+                        lambda s: self._spec_round(params, drafter_params, s, abstain, drafted),
+                        state)
 
   @functools.partial(jax.jit, static_argnames=('self',), donate_argnames=('state',))
   def step(self, params, state: DecodeState, drafter_params=None) -> DecodeState:

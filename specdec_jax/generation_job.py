@@ -228,9 +228,9 @@ def run(c) -> dict:
         part_ms = time_parts(gen, target.params, drafter_params, state)
         compile_seconds += time.perf_counter() - t - 10 * sum(part_ms) / 1e3
       # pmap returns one loop counter per device: the batch took the longest.
-      rounds = int(np.max(state.step))
+      rounds, verified = int(np.max(state.step)), int(np.max(state.verify_rounds))
       total_rounds += rounds
-      verify_rounds += int(np.max(state.verify_rounds))
+      verify_rounds += verified
       results = gen_lib.completions(state, cfg.eos_id)
       for (i, s), r in zip(chunk, results):
         new_tokens += r['new_tokens']
@@ -248,8 +248,8 @@ def run(c) -> dict:
                               round(a / max(r['draft_calls'], 1), 4) for a in r['accepted_by_position']],
                           'seconds': round(seconds, 4)}}
         if part_ms:                     # this row's batch: verify rounds x measured cost
-          line['stats'].update(draft_seconds=round(int(state.verify_rounds) * part_ms[0] / 1e3, 4),
-                               verify_seconds=round(int(state.verify_rounds) * part_ms[1] / 1e3, 4))
+          line['stats'].update(draft_seconds=round(verified * part_ms[0] / 1e3, 4),
+                               verify_seconds=round(verified * part_ms[1] / 1e3, 4))
         if 'prompt' in rows[i]:
           line['prompt'] = rows[i]['prompt']
         out.write(json.dumps(line) + '\n')

@@ -189,7 +189,7 @@ def test_sampled_speculative_matches_autoregressive_distribution(temperature, to
   wrong = run(cfg, dparams, [prompt] * N, None, None, seed=1, **kw)     # the drafter's own AR
   calls = sum(s['target_calls'] for s in spec)
   if kind == 'ngram':   # both kinds of round ran (top-k may cut every proposal)
-    assert calls <= N * n and 0 < sum(s['draft_calls'] for s in spec) < calls
+    assert 0 < sum(s['draft_calls'] for s in spec) < calls
   else:
     assert N * n / 3 < calls < N * n                 # some, not all, drafts accepted
   exact = exact_marginals(cfg, params, prompt, n, temperature, top_k, top_p)
