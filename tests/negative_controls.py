@@ -1,0 +1,122 @@
+"""Deliberately broken samplers and drafters: the tests' power checks.
+
+Each is the real code with one realistic bug. An exactness test must reject
+every variant aimed at it, or it could not catch that bug in the real code.
+"""
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from specdec_jax import drafters
+from specdec_jax.drafter_models import HeadsNet
+
+
+BUGS = ('residual_not_renormalised', 'bonus_from_p_k', 'residual_from_p_next',
+        'residual_with_q_next', 'keys_reused_across_rounds')
+
+
+def accept_sampled_with(bug: str):
+  """`rejection.accept_sampled` with one bug:
+
+  - 'residual_not_renormalised': the replacement is drawn by inverse CDF
+    from max(p_n - q_n, 0) as it is; the missing mass lands on the last
+    vocabulary token (often outside the top-k / top-p support).
+  - 'bonus_from_p_k': after k accepted drafts the bonus token comes from p_k
+    instead of p_{k+1}.
+  - 'residual_from_p_next': the replacement at a rejection of x_n uses
+    p_{n+1} (an off-by-one in picking p_n), the bonus is right.
+  - 'residual_with_q_next': the residual at a rejection of x_n subtracts
+    q_{n+1} (an off-by-one in picking q_n).
+  - 'keys_reused_across_rounds': the acceptance keys ignore the position
+    (one key per row for every round).
+  """
+  assert bug in BUGS, bug
+
+  def accept(keys, draft_tokens, draft_probs, target_probs):
+    B, k = draft_tokens.shape
+    if bug == 'keys_reused_across_rounds':
+      keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(1234), i))(jnp.arange(B))
+    u_key, r_key = jax.vmap(lambda key: jax.random.split(key))(keys).transpose(1, 0)
+    u = jax.vmap(lambda key: jax.random.uniform(key, (k,)))(u_key)
+    p_x = jnp.take_along_axis(target_probs[:, :k], draft_tokens[..., None], axis=-1)[..., 0]
+    q_x = jnp.take_along_axis(draft_probs, draft_tokens[..., None], axis=-1)[..., 0]
+    n = jnp.sum(jnp.cumprod((u * q_x < p_x).astype(jnp.int32), axis=-1), axis=-1)
+    p_at = n
+    if bug == 'bonus_from_p_k':
+      p_at = jnp.where(n == k, k - 1, n)
+    if bug == 'residual_from_p_next':
+      p_at = jnp.where(n < k, n + 1, n)
+    p_n = jnp.take_along_axis(target_probs, p_at[:, None, None], axis=1)[:, 0]
+    q_pad = jnp.concatenate([draft_probs, jnp.zeros_like(draft_probs[:, :1])], axis=1)
+    q_at = jnp.minimum(n + 1, k) if bug == 'residual_with_q_next' else n
+    q_n = jnp.take_along_axis(q_pad, q_at[:, None, None], axis=1)[:, 0]
+    residual = jnp.maximum(p_n - q_n, 0.0)
+    if bug == 'residual_not_renormalised':
+      v = jax.vmap(jax.random.uniform)(r_key)                                  # [B]
+      below = jnp.cumsum(residual, axis=-1) <= v[:, None]
+      nxt = jnp.minimum(jnp.sum(below, axis=-1), residual.shape[-1] - 1)
+      return n, nxt.astype(jnp.int32)
+    mass = jnp.sum(residual, axis=-1, keepdims=True)
+    residual = jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p_n)
+    nxt = jax.vmap(jax.random.categorical)(r_key, jnp.log(residual)).astype(jnp.int32)
+    return n, nxt
+
+  return accept
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokenDrafter:
+  """A drafter whose q is not the distribution its drafts were drawn from.
+
+  - 'q_of_previous_step' (draft_model, mtp: sequential drafting): q_i is
+    the distribution of step i - 1 (q_1 is right), an off-by-one when
+    collecting the scan's outputs.
+  - 'q_not_mapped_to_target_ids' (mtp, heads: reduced vocabulary): the
+    reduced-vocabulary distribution is written at ids 0..R-1 instead of the
+    target ids its rows stand for.
+  - 'keys_shared_by_heads' (heads): every head draws with the round's key
+    instead of its own, so the k drafts are not independent given the state.
+  """
+  base: Any
+  bug: str
+
+  @property
+  def draft_len(self):
+    return self.base.draft_len
+
+  def init_state(self, params, batch, cache_size):
+    return self.base.init_state(params, batch, cache_size)
+
+  def commit(self, state, lengths):
+    return self.base.commit(state, lengths)
+
+  def draft(self, params, state, tokens, lengths, keys, batch, greedy, target=None):
+    if self.bug == 'keys_shared_by_heads':
+      return self._heads_one_key(params, state, tokens, lengths, keys, batch, greedy, target)
+    d, q, state = self.base.draft(params, state, tokens, lengths, keys, batch, greedy, target)
+    if self.bug == 'q_of_previous_step':
+      q = jnp.concatenate([q[:, :1], q[:, :-1]], axis=1)
+    elif self.bug == 'q_not_mapped_to_target_ids':
+      vocab = params['vocab']
+      q = jnp.zeros_like(q).at[..., :vocab.shape[0]].set(q[..., vocab])
+    else:
+      raise ValueError(self.bug)
+    return d, q, state
+
+  def _heads_one_key(self, params, state, tokens, lengths, keys, batch, greedy, target):
+    # HeadsDrafter.draft with one change: it folds the head index into each
+    # row's key; here all k heads draw with the row's key itself.
+    base, k = self.base, self.draft_len
+    sub, embed = base._inputs(params, target)
+    logits = HeadsNet(base.config).apply({'params': params['net']},
+                                         embed(drafters._pending(tokens, lengths)),
+                                         target.hidden[:, None], sub)[:, 0, :k]
+    B = logits.shape[0]
+    rep = lambda x: jnp.repeat(x, k)
+    flat = batch.replace(temperature=rep(batch.temperature), top_k=rep(batch.top_k),
+                         top_p=rep(batch.top_p))
+    nxt, probs = drafters._pick(logits.reshape(B * k, -1), params['vocab'], jnp.repeat(keys, k), flat,
+                                greedy, base.config.target.vocab_size)
+    return nxt.reshape(B, k), probs.reshape(B, k, -1), state
