@@ -21,6 +21,13 @@ log-likelihood, PIT p-value for sampled runs), greedy prompt lookup is
 compared token for token with HF's own greedy output, and HF's greedy output
 with specdec_jax's (run here on the same prompts). The folder gets raw.jsonl,
 results.csv and results.md made by the sweep's own `aggregate` / `markdown`.
+
+Each system (HF transformers, llama.cpp) runs in its own inner process, which
+writes every row as it finishes: a system that crashes (llama-cpp-python
+0.3.36 has segfaulted in `generate` on this GGUF, exit 139) keeps the rows it
+finished, costs the other system nothing, and is named in results.md (a
+`crashed` row with its exit status) and in the printed summary; the command
+then ends with status 1.
 """
 import json
 import os
@@ -35,21 +42,44 @@ REQUIREMENTS = ['torch==2.13.0', 'transformers', 'accelerate', 'gguf', 'sentence
                 'protobuf', 'numpy']
 
 
-def inner(job_path, out_path):
-  """Runs inside the HF venv: no specdec_jax, no JAX."""
+class RowWriter:
+  """Appends one JSON line per finished row (and one `meta` line) to a file,
+  flushed at once, so a crash loses only the row being measured."""
+
+  def __init__(self, path):
+    self.f = open(path, 'a')
+
+  def write(self, **record):
+    self.f.write(json.dumps(record) + '\n')
+    self.f.flush()
+
+
+def inner(system, job_path, out_path):
+  """Runs inside the HF venv, one system per process: no specdec_jax, no JAX."""
+  job = json.loads(pathlib.Path(job_path).read_text())
+  out = RowWriter(out_path)
+  if system == 'hf':
+    run_hf(job, out)
+  elif system == 'llama.cpp':
+    run_llama_cpp(job, out)
+  else:
+    raise ValueError(system)
+
+
+def run_hf(job, out):
   import torch
   import transformers
   from transformers import AutoModelForCausalLM
 
-  job = json.loads(pathlib.Path(job_path).read_text())
   d, f = os.path.split(job['gguf'])
   t = time.perf_counter()
   model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
   model.eval()
-  load_s = time.perf_counter() - t
+  out.write(meta=dict(load_seconds=time.perf_counter() - t,
+                      versions=dict(torch=torch.__version__,
+                                    transformers=transformers.__version__)))
   calls = [0]
   model.register_forward_pre_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
-  rows = []
   for temperature in job['temperatures']:
     for k in [0] + job['draft_lens']:
       kw = dict(max_new_tokens=job['max_new_tokens'], eos_token_id=1, pad_token_id=0,
@@ -68,31 +98,24 @@ def inner(job_path, out_path):
           x = torch.tensor([ids])
           with torch.no_grad():
             t = time.perf_counter()
-            out = model.generate(x, **kw)
+            res = model.generate(x, **kw)
             seconds = time.perf_counter() - t
-          rows.append(dict(system='hf', domain=domain, draft_len=k, temperature=temperature,
-                           prompt_index=i,
-                           seconds=seconds, completion_ids=out[0, len(ids):].tolist(),
-                           forward_calls=calls[0]))
-          print(f'hf {domain} k={k} T={temperature} #{i}: {len(rows[-1]["completion_ids"])} '
+          row = dict(system='hf', domain=domain, draft_len=k, temperature=temperature,
+                     prompt_index=i, seconds=seconds,
+                     completion_ids=res[0, len(ids):].tolist(), forward_calls=calls[0])
+          out.write(row=row)
+          print(f'hf {domain} k={k} T={temperature} #{i}: {len(row["completion_ids"])} '
                 f'tokens in {seconds:.2f}s', file=sys.stderr, flush=True)
-  versions = dict(torch=torch.__version__, transformers=transformers.__version__)
-  if job['llama_cpp']:
-    import llama_cpp
-    versions['llama_cpp_python'] = llama_cpp.__version__
-    rows += run_llama_cpp(job)
-  pathlib.Path(out_path).write_text(json.dumps(dict(rows=rows, load_seconds=load_s,
-                                                    versions=versions)))
 
 
-def run_llama_cpp(job):
+def run_llama_cpp(job, out):
   """llama.cpp (llama-cpp-python) on the same GGUF, token ids in and out:
   greedy / sampling with every filter off, and its prompt-lookup drafter.
   It computes with the quantized blocks (Q4_K/Q5_0/Q6_K/Q8_0 dot products),
   not dequantized float32, so its greedy text may drift from HF's and ours."""
   import llama_cpp
   from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
-  rows = []
+  out.write(meta=dict(versions=dict(llama_cpp_python=llama_cpp.__version__)))
   for k in [0] + job['draft_lens']:
     llm = llama_cpp.Llama(model_path=job['gguf'], n_ctx=1024, n_threads=os.cpu_count(),
                           verbose=False, seed=job['seed'],
@@ -110,23 +133,72 @@ def run_llama_cpp(job):
           llm.set_seed(job['seed'] + i)
           llm.reset()              # no KV prefix reuse across runs: every prefill is timed
           calls[0] = 0
-          out = []
+          ids_out = []
           t = time.perf_counter()
           for tok in llm.generate(ids, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0,
                                   temp=temperature, repeat_penalty=1.0, reset=True):
-            out.append(int(tok))
-            if tok == 1 or len(out) == job['max_new_tokens']:
+            ids_out.append(int(tok))
+            if tok == 1 or len(ids_out) == job['max_new_tokens']:
               break
           seconds = time.perf_counter() - t
           if domain == 'warm-up':
             continue
-          rows.append(dict(system='llama.cpp', domain=domain, draft_len=k,
-                           temperature=temperature, prompt_index=i, seconds=seconds,
-                           completion_ids=out, forward_calls=calls[0]))
-          print(f'llama.cpp {domain} k={k} T={temperature} #{i}: {len(out)} tokens in '
+          out.write(row=dict(system='llama.cpp', domain=domain, draft_len=k,
+                             temperature=temperature, prompt_index=i, seconds=seconds,
+                             completion_ids=ids_out, forward_calls=calls[0]))
+          print(f'llama.cpp {domain} k={k} T={temperature} #{i}: {len(ids_out)} tokens in '
                 f'{seconds:.2f}s', file=sys.stderr, flush=True)
     del llm
-  return rows
+
+
+def run_systems(python, systems, job_path, workdir, script=__file__):
+  """Runs `script --inner SYSTEM JOB ROWS` with `python` once per system, in
+  turn, and reads back what each wrote, whatever its exit status.
+
+  Returns (rows, meta, crashed): every finished row of every system; the
+  merged meta lines (load_seconds, versions); and {system: exit status} for
+  each inner process that did not exit 0 (negative: killed by that signal,
+  e.g. -11 for the segfault a shell reports as 139).
+  """
+  rows, meta, crashed = [], {'versions': {}}, {}
+  for system in systems:
+    path = pathlib.Path(workdir) / f'rows_{system}.jsonl'
+    path.unlink(missing_ok=True)
+    status = subprocess.run([str(python), str(script), '--inner', system, str(job_path),
+                             str(path)]).returncode
+    records = []
+    if path.exists():
+      for line in path.read_text().splitlines():
+        try:
+          records.append(json.loads(line))
+        except json.JSONDecodeError:   # a line cut by the crash
+          pass
+    for r in records:
+      if 'row' in r:
+        rows.append(r['row'])
+      if 'meta' in r:
+        meta['versions'].update(r['meta'].get('versions', {}))
+        if 'load_seconds' in r['meta']:
+          meta['load_seconds'] = r['meta']['load_seconds']
+    if status:
+      crashed[system] = status
+      print(f'{system}: the inner process ended with status {status} after '
+            f'{sum("row" in r for r in records)} rows; those rows are kept',
+            file=sys.stderr, flush=True)
+  return rows, meta, crashed
+
+
+def crash_rows(crashed, rows, header):
+  """Markdown rows naming each crashed system, in the table whose `header`
+  line is given: system, then the exit status and the rows it finished."""
+  cells = header.count('|') - 1
+  out = []
+  for system, status in crashed.items():
+    signal = f', signal {-status}' if status < 0 else ''
+    done = sum(r['system'] == system for r in rows)
+    text = f'crashed (exit status {status}{signal}) after {done} rows'
+    out.append('| ' + ' | '.join([system, text] + ['–'] * (cells - 2)) + ' |')
+  return out
 
 
 def outer(argv):
@@ -185,15 +257,20 @@ def outer(argv):
                                         capture_output=True).returncode:
     print('building llama-cpp-python in the venv (~20 min)', file=sys.stderr)
     subprocess.run([str(py), '-m', 'pip', 'install', '-q', 'llama-cpp-python'], check=True)
+  systems = ['hf'] + (['llama.cpp'] if FLAGS.llama_cpp else [])
   with tempfile.TemporaryDirectory() as tmp:
-    job, res = pathlib.Path(tmp) / 'job.json', pathlib.Path(tmp) / 'out.json'
+    job = pathlib.Path(tmp) / 'job.json'
     job.write_text(json.dumps(dict(gguf=str(assemble()), prompts=prompts, temperatures=temps,
                                    draft_lens=ks, max_new_tokens=FLAGS.max_new_tokens,
-                                   seed=FLAGS.seed, llama_cpp=FLAGS.llama_cpp)))
-    subprocess.run([str(py), __file__, '--inner', str(job), str(res)], check=True)
-    hf = json.loads(res.read_text())
+                                   seed=FLAGS.seed)))
+    peer_rows, meta, crashed = run_systems(py, systems, job, tmp)
+  hf = dict(meta, rows=peer_rows, crashed=crashed)
   out.mkdir(parents=True, exist_ok=True)
   (out / 'peer_rows.json').write_text(json.dumps(hf))     # kept even if scoring fails
+  # A crash mid-baseline can leave prompt-lookup rows without their AR point.
+  have_ar = {(r['system'], r['domain'], r['temperature']) for r in hf['rows']
+             if r['draft_len'] == 0}
+  hf['rows'] = [r for r in hf['rows'] if (r['system'], r['domain'], r['temperature']) in have_ar]
 
   # Our greedy AR on the same prompts, for the cross-check.
   bucket_len = gen_lib.bucket(max(len(p) for ps in prompts.values() for p in ps))
@@ -213,6 +290,8 @@ def outer(argv):
   scores = {}                  # one scorer call per temperature: chunks of 4 rows
   for temperature in temps:
     rows = [r for r in hf['rows'] if r['temperature'] == temperature]
+    if not rows:
+      continue
     got = scorer([prompts[r['domain']][r['prompt_index']] for r in rows],
                  [r['completion_ids'] for r in rows], temperature=temperature)
     scores.update({id(r): g for r, g in zip(rows, got)})
@@ -231,8 +310,8 @@ def outer(argv):
         finish_reason='eos' if r['completion_ids'][-1:] == [cfg.eos_id] else 'length',
         new_tokens=n, target_calls=r['forward_calls'], accepted_by_position=None,
         logprob_sum=round(float(np.sum(logp)), 5),
-        identical_to_ar=(r['completion_ids'] == greedy_ar[(r['system'], r['domain'],
-                                                           r['prompt_index'])]
+        identical_to_ar=(r['completion_ids'] == greedy_ar.get((r['system'], r['domain'],
+                                                               r['prompt_index']))
                          if greedy and r['draft_len'] else None),
         identical_to_specdec=(r['completion_ids'] == ours[(r['domain'], r['prompt_index'])]
                               if greedy and r['draft_len'] == 0 else None),
@@ -242,7 +321,7 @@ def outer(argv):
   with (out / 'raw.jsonl').open('w') as f:
     for r in raw:
       f.write(json.dumps(r) + '\n')
-  table = sweep.aggregate(raw)
+  table = sweep.aggregate(raw) if raw else []
   sweep.write_csv(table, out / 'results.csv')
   same = {}
   for r in raw:
@@ -250,23 +329,29 @@ def outer(argv):
       same.setdefault(r['system'], []).append(r['identical_to_specdec'])
   same = {k: f'{sum(v)}/{len(v)}' for k, v in same.items()}
   v = hf['versions']
-  head = (f'HF transformers {v["transformers"]} (torch {v["torch"]}, float32) and llama.cpp '
-          f'(llama-cpp-python {v.get("llama_cpp_python", "not installed")}, the GGUF\'s own '
+  head = (f'HF transformers {v.get("transformers", "?")} (torch {v.get("torch", "?")}, float32) '
+          f'and llama.cpp (llama-cpp-python {v.get("llama_cpp_python", "not run")}, the GGUF\'s own '
           f'quantized kernels), batch 1; {FLAGS.prompts_per_domain} prompts x '
           f'{FLAGS.max_new_tokens} new tokens per domain (max_prompt_len {FLAGS.max_prompt_len}). '
           f'drafter none = greedy / sampling, prompt_lookup = prompt-lookup decoding with k '
           f'tokens; tokens/call = new tokens / forward calls. Greedy output equal to '
           f'specdec_jax greedy (prompts): {same}.\n\n')
-  (out / 'results.md').write_text(head + sweep.markdown(table) + '\n')
+  lines = sweep.markdown(table).splitlines() if table else ['| system | result |', '|---|---|']
+  end = lines.index('') if '' in lines else len(lines)      # the table, then its notes
+  lines[end:end] = crash_rows(crashed, hf['rows'], lines[0])
+  (out / 'results.md').write_text(head + '\n'.join(lines) + '\n')
   (out / 'config.json').write_text(json.dumps(dict(
-      FLAGS.flag_values_dict(), versions=v, load_seconds=hf['load_seconds']), indent=1,
-      default=str) + '\n')
+      FLAGS.flag_values_dict(), versions=v, load_seconds=hf.get('load_seconds'),
+      crashed=crashed), indent=1, default=str) + '\n')
   print(json.dumps(dict(output=str(out), points=len(table), versions=v,
-                        greedy_identical_to_specdec=same)))
+                        greedy_identical_to_specdec=same, crashed=crashed)))
+  if crashed:
+    sys.exit('error: ' + ', '.join(f'{s} crashed (exit status {c})' for s, c in crashed.items())
+             + f'; the rows it finished are in {out}')
 
 
 if __name__ == '__main__':
-  if len(sys.argv) == 4 and sys.argv[1] == '--inner':
-    inner(sys.argv[2], sys.argv[3])
+  if len(sys.argv) == 5 and sys.argv[1] == '--inner':
+    inner(sys.argv[2], sys.argv[3], sys.argv[4])
   else:
     outer(sys.argv)
