@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from specdec_jax import drafters
+from specdec_jax import drafters, sampling
 from specdec_jax.drafter_models import HeadsNet
 
 
@@ -70,13 +70,12 @@ def accept_sampled_with(bug: str):
 class BrokenDrafter:
   """A drafter whose q is not the distribution its drafts were drawn from.
 
-  - 'q_of_previous_step' (draft_model, mtp: sequential drafting): q_i is
-    the distribution of step i - 1 (q_1 is right), an off-by-one when
+  - 'drafted_without_warp' (draft_model): drafts are drawn from the raw
+    logits (temperature, top-k, top-p ignored), q is the warped distribution.
+  - 'q_of_previous_step' (mtp, or any sequential drafter): q_i is the
+    distribution of step i - 1 (q_1 is right), an off-by-one when
     collecting the scan's outputs.
-  - 'q_not_mapped_to_target_ids' (mtp, heads: reduced vocabulary): the
-    reduced-vocabulary distribution is written at ids 0..R-1 instead of the
-    target ids its rows stand for.
-  - 'keys_shared_by_heads' (heads): every head draws with the round's key
+  - 'keys_shared_by_heads' (heads): every head draws with the row's key
     instead of its own, so the k drafts are not independent given the state.
   """
   base: Any
@@ -93,17 +92,30 @@ class BrokenDrafter:
     return self.base.commit(state, lengths)
 
   def draft(self, params, state, tokens, lengths, keys, batch, greedy, target=None):
+    if self.bug == 'drafted_without_warp':
+      return self._draft_model_without_warp(params, state, tokens, lengths, keys, batch)
     if self.bug == 'keys_shared_by_heads':
       return self._heads_one_key(params, state, tokens, lengths, keys, batch, greedy, target)
+    assert self.bug == 'q_of_previous_step', self.bug
     d, q, state = self.base.draft(params, state, tokens, lengths, keys, batch, greedy, target)
-    if self.bug == 'q_of_previous_step':
-      q = jnp.concatenate([q[:, :1], q[:, :-1]], axis=1)
-    elif self.bug == 'q_not_mapped_to_target_ids':
-      vocab = params['vocab']
-      q = jnp.zeros_like(q).at[..., :vocab.shape[0]].set(q[..., vocab])
-    else:
-      raise ValueError(self.bug)
-    return d, q, state
+    return d, jnp.concatenate([q[:, :1], q[:, :-1]], axis=1), state
+
+  def _draft_model_without_warp(self, params, state, tokens, lengths, keys, batch):
+    # DraftModelDrafter.draft (sampled) with one change: the draw's logits.
+    base = self.base
+
+    def step(carry, i):
+      cache, tok = carry
+      logits, _, cache = base._apply(params, tok[:, None], cache)
+      probs = sampling.warp(logits[:, 0], batch.temperature, batch.top_k, batch.top_p)
+      step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, i)
+      nxt = jax.vmap(jax.random.categorical)(step_keys, logits[:, 0]).astype(jnp.int32)
+      return (cache, nxt), (nxt, probs)
+
+    (cache, last), (drafts, q) = jax.lax.scan(
+        step, (state, drafters._pending(tokens, lengths)), jnp.arange(base.draft_len))
+    _, _, cache = base._apply(params, last[:, None], cache, compute_logits=False)
+    return drafts.T, q.transpose(1, 0, 2), cache
 
   def _heads_one_key(self, params, state, tokens, lengths, keys, batch, greedy, target):
     # HeadsDrafter.draft with one change: it folds the head index into each
@@ -117,6 +129,6 @@ class BrokenDrafter:
     rep = lambda x: jnp.repeat(x, k)
     flat = batch.replace(temperature=rep(batch.temperature), top_k=rep(batch.top_k),
                          top_p=rep(batch.top_p))
-    nxt, probs = drafters._pick(logits.reshape(B * k, -1), params['vocab'], jnp.repeat(keys, k), flat,
-                                greedy, base.config.target.vocab_size)
+    nxt, probs = drafters._pick(logits.reshape(B * k, -1), params['vocab'], jnp.repeat(keys, k),
+                                flat, greedy, base.config.target.vocab_size)
     return nxt.reshape(B, k), probs.reshape(B, k, -1), state

@@ -1,6 +1,7 @@
 """Speculative decoding is exact: greedy == autoregressive token for token;
 sampled == autoregressive in distribution."""
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from specdec_jax import config as config_lib
-from specdec_jax import drafters, generate
+from specdec_jax import drafters, generate, rejection
 from specdec_jax.drafter_models import DrafterConfig, init_drafter_params
 from specdec_jax.model import Transformer, init_params
 
@@ -89,17 +90,23 @@ def test_greedy_speculative_equals_autoregressive(tiny, k, max_new):
 def test_ragged_rows_equal_solo_runs_and_eos_mid_block(tiny):
   cfg, params = tiny
   ar = run(cfg, params, PROMPTS, max_new=17)
-  # Make row 0's 7th token the EOS: with k = 4 it lands inside a block.
-  eos = ar[0]['completion_ids'][6]
+  # Make row 1's 3rd token the EOS (its first occurrence there): with k = 4 it
+  # lands inside the first round's block of k + 1.
+  eos = ar[1]['completion_ids'][2]
   cut = cfg.replace(eos_id=eos)
   ar_eos = run(cut, params, PROMPTS, max_new=17)
-  assert ar_eos[0]['finish_reason'] == 'eos'
+  assert ar_eos[1]['finish_reason'] == 'eos' and ar_eos[1]['new_tokens'] == 3
   for name, (d, dp) in drafter_cases(cut, params, 4).items():
     batched = run(cut, params, PROMPTS, d, dp, max_new=17, batch_size=8)
     for i, prompt in enumerate(PROMPTS):
       solo = run(cut, params, [prompt], d, dp, max_new=17)[0]
       assert batched[i]['completion_ids'] == solo['completion_ids'] == ar_eos[i]['completion_ids']
       assert batched[i]['finish_reason'] == ar_eos[i]['finish_reason'], name
+      assert batched[i]['new_tokens'] == solo['new_tokens'] == ar_eos[i]['new_tokens'], name
+    if name == 'target_itself':
+      # Every draft accepted: the first round would emit 5 tokens and stops
+      # at the EOS, its 3rd: mid-block, in one target call.
+      assert batched[1]['target_calls'] == 1 and batched[1]['accepted_by_position'] == [1] * 4
 
 
 def test_ngram_abstains_without_a_match(tiny):
@@ -132,72 +139,191 @@ def test_ngram_abstains_without_a_match(tiny):
 # Sampled: distribution equality against exact enumeration.
 # ----------------------------------------------------------------------------
 
-def exact_marginals(cfg, params, prompt, n, temperature, top_k, top_p):
-  """P(token at new position t) for t < n, enumerating every prefix."""
+SETTINGS = [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.0, 0, 0.8)]     # (temperature, top_k, top_p)
+N, NEW = 4096, 3             # samples, new tokens per sample
+PAIRS = [(0, 1), (1, 2)]     # joints checked: with k = 2, every sample whose first
+                             # round emits 1 or 2 tokens has a round boundary in one
+
+
+def exact_distributions(cfg, params, prompt, n, temperature, top_k, top_p):
+  """Enumerating every prefix: P(token at new position t) for t < n, and the
+  joint P(tokens at t - 1, t) [V, V] for 0 < t < n."""
   from specdec_jax import sampling
   fwd = jax.jit(lambda p, x: Transformer(cfg).apply({'params': p}, x)[0][:, -1])
   V = cfg.vocab_size
   prefixes, weights = [list(prompt)], np.ones(1)
-  marginals = []
-  for _ in range(n):
+  marginals, pairs = [], []
+  for t in range(n):
     logits = fwd(params, jnp.array(prefixes))
     m = len(prefixes)
     probs = np.asarray(sampling.warp(logits, jnp.full(m, temperature), jnp.full(m, top_k, jnp.int32),
                                      jnp.full(m, top_p)), np.float64)
     joint = weights[:, None] * probs                                   # [prefixes, V]
     marginals.append(joint.sum(0))
+    if t:   # prefixes list the last token fastest: [earlier, token t-1, token t]
+      pairs.append(joint.reshape(-1, V, V).sum(0))
     prefixes = [p + [v] for p in prefixes for v in range(V)]
     weights = joint.ravel()
-  return marginals
+  return marginals, pairs
 
 
 def chi2_stat(samples, probs):
+  """Pearson chi-square of samples (cell ids) against probs, and its dof.
+
+  A sample in a cell of probability 0 is an impossible token: the statistic
+  is inf at once (a sampler leaking mass outside the top-k / top-p support
+  must fail however few it emits). Cells expected fewer than 5 times are
+  pooled into one so the chi-square approximation holds.
+  """
+  probs = np.asarray(probs, np.float64).ravel()
   counts = np.bincount(samples, minlength=len(probs)).astype(float)
+  assert len(counts) == len(probs), 'a sample outside the cells'
+  if counts[probs == 0].sum() > 0:
+    return float('inf'), 1
   expected = probs * len(samples)
-  big = expected >= 5                       # pool sparse cells so the test is valid
+  big = expected >= 5
   obs = np.append(counts[big], counts[~big].sum())
   exp = np.append(expected[big], expected[~big].sum())
-  keep = exp > 0
+  keep = exp > 0                            # the pooled cell may be empty
   obs, exp = obs[keep], exp[keep]
   return float(((obs - exp) ** 2 / exp).sum()), int(keep.sum()) - 1
 
 
-@pytest.mark.parametrize('kind', ['draft_model', 'mtp', 'heads', 'ngram'])
-@pytest.mark.parametrize('temperature,top_k,top_p', [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.0, 0, 0.8)])
-def test_sampled_speculative_matches_autoregressive_distribution(temperature, top_k, top_p, kind):
-  """4096 speculative samples of 3 tokens vs the exact AR marginals.
-
-  alpha = 1e-3 per position (chi-square). Power: the same test on samples
-  from the drafter alone (what a broken acceptance rule would emit) must
-  reject; it does so by a wide margin, asserted below.
-  """
+def chi2_tests(completions, reference, V):
+  """[(name, stat / its 0.999 quantile)] for every position and pair: > 1 rejects."""
   from scipy_free_chi2 import chi2_quantile_999
-  cfg = config_lib.tiny(vocab_size=16, eos_id=-1)   # no EOS: every sample has n tokens
+  ids = np.array([c['completion_ids'] for c in completions])         # [N, NEW]
+  marginals, pairs = reference
+  out = []
+  for t in range(NEW):
+    stat, dof = chi2_stat(ids[:, t], marginals[t])
+    out.append((f'position {t}', stat / chi2_quantile_999(dof)))
+  for (a, b), joint in zip(PAIRS, pairs):
+    stat, dof = chi2_stat(ids[:, a] * V + ids[:, b], joint)
+    out.append((f'pair {a},{b}', stat / chi2_quantile_999(dof)))
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchedGenerator(generate.Generator):
+  """Not equal to any Generator: jit traces it anew, so a monkeypatched
+  rejection rule is compiled in rather than a cached program reused."""
+  patch: str = ''
+
+
+@pytest.fixture(scope='module')
+def small_target():
+  """A 16-token vocabulary (exact enumeration of 3 tokens: 4096 prefixes), no
+  EOS (every sample has NEW tokens); the prompt's exact distributions and the
+  draft_model drafter's own AR samples, once per sampling setting."""
+  cfg = config_lib.tiny(vocab_size=16, eos_id=-1)
   params = init_params(cfg, jax.random.key(0))
   dparams = init_params(cfg, jax.random.key(3))
-  drafter = drafters.DraftModelDrafter(cfg, 2)
-  if kind in ('mtp', 'heads'):   # q = 0 outside its 12-token vocabulary
-    drafter, dparams_kind = trained_drafter(cfg, kind, 2, seed=3, vocab_size=12)
-  prompt, n, N = [2, 5, 9], 3, 4096
-  if kind == 'ngram':   # the first round drafts [9, 5]; later rows abstain on new tokens
-    drafter, dparams_kind = drafters.NgramDrafter(2, cfg.vocab_size), None
-    prompt = [2, 5, 9, 5]
-  kw = dict(max_new=n, greedy=False, temperature=temperature, top_k=top_k, top_p=top_p,
-            cache_size=16)
-  spec = run(cfg, params, [prompt] * N, drafter,
-             dparams if kind == 'draft_model' else dparams_kind, **kw)
-  wrong = run(cfg, dparams, [prompt] * N, None, None, seed=1, **kw)     # the drafter's own AR
-  calls = sum(s['target_calls'] for s in spec)
+  cache = {}
+
+  def reference(setting, prompt):
+    if (setting, tuple(prompt)) not in cache:
+      cache[setting, tuple(prompt)] = exact_distributions(cfg, params, prompt, NEW, *setting)
+    return cache[setting, tuple(prompt)]
+  return cfg, params, dparams, reference
+
+
+def sampled_run(cfg, params, prompt, drafter, dparams, setting, gen_cls=generate.Generator,
+                seed=0):
+  temperature, top_k, top_p = setting
+  gen = gen_cls(cfg, cache_size=16, greedy=False, drafter=drafter)
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(N))
+  batch = generate.make_batch([prompt] * N, batch_size=N, bucket_len=16, max_new_tokens=NEW,
+                              keys=keys, temperature=temperature, top_k=top_k, top_p=top_p)
+  return generate.completions(gen.generate(params, batch, dparams), cfg.eos_id)
+
+
+def sampled_case(cfg, dparams, kind):
+  """(drafter, its params, prompt) of each kind, k = 2."""
+  if kind == 'draft_model':
+    return drafters.DraftModelDrafter(cfg, 2), dparams, [2, 5, 9]
+  if kind == 'ngram':      # the first round drafts [9, 5]; later rows abstain on new tokens
+    return drafters.NgramDrafter(2, cfg.vocab_size), None, [2, 5, 9, 5]
+  drafter, p = trained_drafter(cfg, kind, 2, seed=3, vocab_size=12)   # q = 0 off its 12 ids
+  return drafter, p, [2, 5, 9]
+
+
+# Per drafter kind: a bug it could realistically have, and the setting its
+# power check runs at (one per kind keeps CI time; each setting is covered).
+# ('drafter', bug): negative_controls.BrokenDrafter; ('accept', bug): the
+# rejection rule patched with negative_controls.accept_sampled_with(bug).
+REALISTIC_BUG = {
+    'draft_model': (('drafter', 'drafted_without_warp'), SETTINGS[1]),
+    'mtp': (('drafter', 'q_of_previous_step'), SETTINGS[2]),
+    'heads': (('drafter', 'keys_shared_by_heads'), SETTINGS[0]),
+    'ngram': (('accept', 'residual_not_renormalised'), SETTINGS[0]),
+}
+
+
+@pytest.mark.parametrize('kind', ['draft_model', 'mtp', 'heads', 'ngram'])
+@pytest.mark.parametrize('setting', SETTINGS, ids=lambda s: '-'.join(map(str, s)))
+def test_sampled_speculative_matches_autoregressive_distribution(small_target, setting, kind,
+                                                                 monkeypatch):
+  """4096 speculative samples of 3 tokens vs the exact AR distributions: each
+  position's marginal and the joints of positions (0, 1) and (1, 2), which
+  span the first round's boundary in most samples (chi-square, alpha = 1e-3
+  per test; an impossible token fails at once).
+
+  Power: at one setting per kind, the same drafter with a bug it could
+  realistically have (REALISTIC_BUG) must be rejected by at least one test.
+  """
+  import negative_controls
+  cfg, params, dparams, reference = small_target
+  drafter, dp, prompt = sampled_case(cfg, dparams, kind)
+  spec = sampled_run(cfg, params, prompt, drafter, dp, setting)
+  calls = np.array([s['target_calls'] for s in spec])
   if kind == 'ngram':   # both kinds of round ran (top-k may cut every proposal)
-    assert 0 < sum(s['draft_calls'] for s in spec) < calls
+    assert 0 < sum(s['draft_calls'] for s in spec) < calls.sum()
   else:
-    assert N * n / 3 < calls < N * n                 # some, not all, drafts accepted
-  exact = exact_marginals(cfg, params, prompt, n, temperature, top_k, top_p)
-  for t in range(n):
-    stat, dof = chi2_stat(np.array([s['completion_ids'][t] for s in spec]), exact[t])
-    assert stat < chi2_quantile_999(dof), (t, stat, dof)
-    power_stat, dof = chi2_stat(np.array([w['completion_ids'][t] for w in wrong]), exact[t])
-    assert power_stat > 3 * chi2_quantile_999(dof), (t, power_stat)
+    assert N * NEW / 3 < calls.sum() < N * NEW        # some, not all, drafts accepted
+  assert (calls >= 2).mean() > 0.5                    # a round boundary inside PAIRS
+  ref = reference(setting, prompt)
+  for name, ratio in chi2_tests(spec, ref, cfg.vocab_size):
+    assert ratio < 1, (name, ratio)
+
+  (where, bug), at = REALISTIC_BUG[kind]
+  if setting != at:
+    return
+  if where == 'drafter':
+    broken = sampled_run(cfg, params, prompt, negative_controls.BrokenDrafter(drafter, bug), dp,
+                         setting)
+  else:
+    monkeypatch.setattr(rejection, 'accept_sampled', negative_controls.accept_sampled_with(bug))
+    broken = sampled_run(cfg, params, prompt, drafter, dp, setting,
+                         functools.partial(PatchedGenerator, patch=bug))
+  ratios = dict(chi2_tests(broken, ref, cfg.vocab_size))
+  assert max(ratios.values()) > 1, (bug, ratios)
+
+
+@pytest.mark.parametrize('setting', SETTINGS, ids=lambda s: '-'.join(map(str, s)))
+def test_distribution_tests_reject_a_wrong_sampler(small_target, setting):
+  """What the chi-square tests above can see, once per setting (it does not
+  depend on the drafter): the draft_model drafter's own AR samples (what an
+  acceptance rule that let every draft through would emit) fail by a wide
+  margin at every position; a sampler that puts 1% of its mass outside the
+  top-k / top-p support fails at once."""
+  cfg, params, dparams, reference = small_target
+  prompt = [2, 5, 9]
+  wrong = sampled_run(cfg, dparams, prompt, None, None, setting, seed=1)
+  ratios = dict(chi2_tests(wrong, reference(setting, prompt), cfg.vocab_size))
+  for t in range(NEW):
+    assert ratios[f'position {t}'] > 3, (t, ratios)
+
+  marginals, pairs = reference(setting, prompt)
+  rng = np.random.default_rng(0)
+  for name, exact in [('position 0', marginals[0]), ('pair 0,1', pairs[0].ravel())]:
+    outside = np.flatnonzero(exact == 0)
+    assert (len(outside) > 0) == (setting != SETTINGS[0]), name   # zero cells iff a filter
+    if len(outside):
+      good = rng.choice(len(exact), N, p=exact / exact.sum())
+      leaky = np.where(rng.random(N) < 0.01, rng.choice(outside, N), good)
+      assert chi2_stat(good, exact)[0] < float('inf')
+      assert chi2_stat(leaky, exact)[0] == float('inf'), name
 
 
 def test_python_stepper_equals_while_loop_for_speculative(tiny):
