@@ -6,6 +6,7 @@ import pytest
 
 from specdec_jax import drafters, generate, parallel
 from specdec_jax.errors import UserError
+from specdec_jax.model import init_params
 
 PROMPTS = [[2, 10, 11, 12], [2, 7], [2, 20, 21, 22, 23, 24, 25, 26, 27], [2, 5, 9],
            [2, 3, 3], [2, 4, 4, 4], [2, 30], [2, 31, 32]]
@@ -19,20 +20,34 @@ def _batch(temperature):
 
 # Three cases cover plain AR, greedy speculative (stateless drafter) and
 # sampled speculative with a drafter that keeps its own sharded cache; the
-# full 2 x 3 product cost CI ~2.5 more minutes for no new code path.
+# full 2 x 3 product cost CI ~2.5 more minutes for no new code path. The
+# sampled drafter is another random model, so drafts are rejected and the
+# residual is sampled under pmap and the mesh too (the target drafting for
+# itself would accept every draft and never reach that code).
 @pytest.mark.parametrize('temperature, drafter_kind',
                          [(1.0, 'none'), (0.0, 'ngram'), (1.0, 'draft_model')])
 def test_pmap_and_mesh_equal_single_device(tiny, drafter_kind, temperature):
   assert jax.device_count() == 8, 'conftest sets 8 fake CPU devices'
   cfg, params = tiny
+  k = 3
   drafter, dparams = {
       'none': (None, None),
-      'ngram': (drafters.NgramDrafter(3, cfg.vocab_size), None),
-      'draft_model': (drafters.DraftModelDrafter(cfg, 3), params),
+      'ngram': (drafters.NgramDrafter(k, cfg.vocab_size), None),
+      'draft_model': (drafters.DraftModelDrafter(cfg, k), init_params(cfg, jax.random.key(7))),
   }[drafter_kind]
   gen = generate.Generator(cfg, cache_size=64, greedy=temperature == 0, drafter=drafter)
   batch = _batch(temperature)
   want = generate.completions(gen.generate(params, batch, dparams), cfg.eos_id)
+  if drafter_kind == 'draft_model':
+    # Drafts accepted and rejected: tokens per target call well between 1
+    # (nothing accepted) and 13 / 4 = 3.25 (everything accepted: 13 new
+    # tokens in ceil(13 / (k + 1)) calls), and the first draft rejected in
+    # some round of most rows.
+    per_call = sum(w['new_tokens'] for w in want) / sum(w['target_calls'] for w in want)
+    accepted = np.array([w['accepted_by_position'] for w in want])
+    calls = np.array([w['draft_calls'] for w in want])
+    assert 1.2 < per_call < 3, per_call
+    assert (accepted[:, 0] < calls).sum() >= 6, (accepted, calls)
   for mode, batch_size in [('pmap', 8), ('mesh', 8), ('mesh', 2)]:
     # mesh with batch 8: data=8; with a batch of 2 rows per call: data=2, model=4.
     runner = parallel.make_runner(gen, params, dparams, mode=mode, num_devices=8,
@@ -46,6 +61,9 @@ def test_pmap_and_mesh_equal_single_device(tiny, drafter_kind, temperature):
         got += generate.completions(runner.compile(sub)(sub), cfg.eos_id)
     assert [g['completion_ids'] for g in got] == [w['completion_ids'] for w in want], runner.mode
     assert [g['target_calls'] for g in got] == [w['target_calls'] for w in want], runner.mode
+    assert [g['accepted_by_position'] for g in got] == [
+        w['accepted_by_position'] for w in want], runner.mode
+    assert runner.num_devices == 8, runner.mode
 
 
 def test_param_sharding_splits_the_big_matrices(tiny):
