@@ -9,12 +9,34 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def cli(*args, timeout=300):
+def cli(*args, timeout=300, devices=1):
+  """`python -m experiments.run --config=configs/generate.py ARGS` on `devices`
+  fake CPU devices."""
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env.pop('XLA_FLAGS', None)
+  if devices > 1:
+    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   return subprocess.run([sys.executable, '-m', 'experiments.run', '--config=configs/generate.py',
                          *args], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=timeout)
+
+
+def job_error(tmp_path, **overrides):
+  """Runs the generation job in this process (model=tiny, output under
+  tmp_path) and returns the UserError it must raise: what experiments/run.py
+  prints as its one `error:` line before exiting with status 2 (the
+  subprocess tests below check that path)."""
+  from configs.generate import get_config
+  from specdec_jax import jobs
+  from specdec_jax.errors import UserError
+  c = get_config()
+  c.model, c.output = 'tiny', str(tmp_path / 'o.jsonl')
+  for key, value in overrides.items():
+    c[key] = value
+  with pytest.raises(UserError) as e:
+    jobs.run(c)
+  assert '\n' not in str(e.value), str(e.value)
+  return str(e.value)
 
 
 def test_tiny_job_writes_every_line_and_a_summary(tmp_path):
@@ -41,31 +63,27 @@ def test_tiny_job_writes_every_line_and_a_summary(tmp_path):
 
 
 BAD = [
-    (['--config.max_new_tokens=0'], 'max_new_tokens'),
-    (['--config.temperature=-0.5'], 'temperature'),
-    (['--config.top_p=0'], 'top_p'),
-    (['--config.top_p=1.2'], 'top_p'),
-    (['--config.top_k=-1'], 'top_k'),
-    (['--config.no_such_key=1'], 'no_such_key'),
-    (['--config.prompts=/nonexistent/prompts.jsonl'], 'not found'),
-    (['--config.drafter=magic'], 'drafter'),
-    (['--config.draft_len=0'], 'draft_len'),
-    (['--config.batch_size=0'], 'batch_size'),
-    (['--config.max_new_tokens=many'], 'max_new_tokens'),
-    (['--config.drafter=draft_model', '--config.draft_vocab_size=100'], 'vocabulary'),
-    (['--config.drafter=ngram', '--config.draft_len=600', '--config.cache_size=256'], 'cache'),
-    (['--config.drafter=ngram', '--config.min_ngram=4'], 'min_ngram'),
-    (['--config.num_devices=64'], 'device'),
-    (['--config.parallel=pmap', '--config.num_devices=1', '--config.parallel=warp'], 'parallel'),
+    (dict(max_new_tokens=0), 'max_new_tokens'),
+    (dict(temperature=-0.5), 'temperature'),
+    (dict(top_p=0.0), 'top_p'),
+    (dict(top_p=1.2), 'top_p'),
+    (dict(top_k=-1), 'top_k'),
+    (dict(prompts='/nonexistent/prompts.jsonl'), 'not found'),
+    (dict(drafter='magic'), 'drafter'),
+    (dict(draft_len=0), 'draft_len'),
+    (dict(batch_size=0), 'batch_size'),
+    (dict(drafter='draft_model', draft_vocab_size=100), 'vocabulary'),
+    (dict(drafter='ngram', draft_len=600, cache_size=256), 'cache'),
+    (dict(drafter='ngram', min_ngram=4), 'min_ngram'),
+    (dict(num_devices=64), 'device'),
+    (dict(num_devices=1, parallel='warp'), 'parallel'),
 ]
 
 
-@pytest.mark.parametrize('args,needle', BAD)
-def test_bad_input_is_one_clear_line(args, needle):
-  r = cli('--config.model=tiny', *args)
-  assert r.returncode == 2, r.stderr
-  assert r.stderr.count('\n') == 1 and r.stderr.startswith('error:'), r.stderr
-  assert needle in r.stderr and 'Traceback' not in r.stderr
+@pytest.mark.parametrize('overrides,needle', BAD, ids=[str(o) for o, _ in BAD])
+def test_bad_input_is_one_clear_line(tmp_path, overrides, needle):
+  assert needle in job_error(tmp_path, **overrides)
+  assert not (tmp_path / 'o.jsonl').exists()
 
 
 @pytest.mark.parametrize('content,needle', [
@@ -75,20 +93,26 @@ def test_bad_input_is_one_clear_line(args, needle):
     ('{"text": "x"}\n', ':1: each line needs exactly one of'),
     ('{"prompt_ids": [2, 999999]}\n', 'outside the vocabulary'),
     ('\n\n', 'no prompts'),
+    (json.dumps({'prompt_ids': [2] + [50] * 600}) + '\n', 'cache'),   # longer than the cache
 ])
 def test_bad_prompts_file(tmp_path, content, needle):
   p = tmp_path / 'p.jsonl'
   p.write_text(content)
-  r = cli('--config.model=tiny', f'--config.prompts={p}', f'--config.output={tmp_path}/o.jsonl')
-  assert r.returncode == 2 and r.stderr.count('\n') == 1, r.stderr
-  assert needle in r.stderr, r.stderr
+  assert needle in job_error(tmp_path, prompts=str(p))
 
 
-def test_prompt_longer_than_the_cache(tmp_path):
-  p = tmp_path / 'p.jsonl'
-  p.write_text(json.dumps({'prompt_ids': [2] + [50] * 600}) + '\n')
-  r = cli('--config.model=tiny', f'--config.prompts={p}', f'--config.output={tmp_path}/o.jsonl')
-  assert r.returncode == 2 and 'cache' in r.stderr and r.stderr.count('\n') == 1, r.stderr
+# Through the real command line: exit status 2 and one `error:` line, no
+# traceback, for a job's own error and for errors of the flags themselves.
+@pytest.mark.parametrize('args,needle', [
+    (['--config.model=tiny', '--config.temperature=-0.5'], 'temperature'),   # the job's UserError
+    (['--config.model=tiny', '--config.no_such_key=1'], 'no_such_key'),     # absl / ml_collections
+    (['--config.model=tiny', '--config.max_new_tokens=many'], 'max_new_tokens'),
+])
+def test_bad_input_exits_2_with_one_error_line(args, needle):
+  r = cli(*args)
+  assert r.returncode == 2, r.stderr
+  assert r.stderr.count('\n') == 1 and r.stderr.startswith('error:'), r.stderr
+  assert needle in r.stderr and 'Traceback' not in r.stderr
 
 
 def test_missing_config_file():
@@ -104,16 +128,20 @@ def test_speculative_job_matches_autoregressive(tmp_path, drafter, parallel):
   """Greedy through the CLI: same completions as plain AR, fewer target calls
   for the target drafting for itself; pmap over the 8 fake devices too."""
   outs = {}
+  devices = 8 if parallel == 'pmap' else 1
   batch = '8' if parallel == 'pmap' else '2'
   for name, extra in [('ar', []), ('spec', [f'--config.drafter={drafter}', '--config.draft_len=3',
                                              '--config.draft_model=target'])]:
     out = tmp_path / f'{name}.jsonl'
     r = cli('--config.model=tiny', f'--config.output={out}', '--config.max_new_tokens=11',
-            f'--config.batch_size={batch}', f'--config.parallel={parallel}', *extra)
+            f'--config.batch_size={batch}', f'--config.parallel={parallel}', *extra,
+            devices=devices)
     assert r.returncode == 0, r.stderr
     outs[name] = ([json.loads(l) for l in out.read_text().splitlines()],
                   json.loads(r.stdout.strip().splitlines()[-1]))
   (ar, ar_sum), (spec, spec_sum) = outs['ar'], outs['spec']
+  assert ar_sum['devices'] == spec_sum['devices'] == devices      # pmap: one row per device
+  assert ar_sum['parallel'] == spec_sum['parallel'] == parallel
   assert [l['completion_ids'] for l in spec] == [l['completion_ids'] for l in ar]
   assert len(spec_sum['acceptance_by_position']) == 3 and spec_sum['draft_len'] == 3
   assert all(len(l['stats']['acceptance_by_position']) == 3 for l in spec)
@@ -121,7 +149,7 @@ def test_speculative_job_matches_autoregressive(tmp_path, drafter, parallel):
   assert 0 < spec_sum['draft_calls'] <= spec_sum['target_calls']
   assert 0 < spec_sum['verify_rounds'] <= spec_sum['rounds']
   if parallel == 'pmap':             # the halves are timed on one device only
-    assert spec_sum['parallel'] == 'pmap' and spec_sum['draft_ms_per_round'] is None
+    assert spec_sum['draft_ms_per_round'] is None
     return
   # Draft vs verify time, each half measured alone.
   assert spec_sum['draft_ms_per_round'] > 0 and spec_sum['verify_ms_per_round'] > 0

@@ -73,9 +73,12 @@ def test_eos_ends_only_its_row(tiny):
   assert rows[0]['finish_reason'] == 'eos'
   assert rows[0]['completion_ids'] == free[0]['completion_ids'][:first]
   assert rows[0]['new_tokens'] == first + 1 and rows[0]['target_calls'] == first + 1
-  for r, f in zip(rows[1:], free[1:]):
-    if eos not in f['completion_ids']:
-      assert r['completion_ids'] == f['completion_ids'] and r['finish_reason'] == 'length'
+  for r, f in zip(rows[1:], free[1:]):   # every other row: cut at its own first EOS, if any
+    ids = f['completion_ids']
+    cut = ids.index(eos) if eos in ids else len(ids)
+    assert r['completion_ids'] == ids[:cut]
+    assert r['finish_reason'] == ('eos' if eos in ids else 'length')
+    assert r['new_tokens'] == min(cut + 1, 12)
 
 
 def test_max_new_tokens_is_exact(tiny):
@@ -98,15 +101,21 @@ def test_python_stepper_equals_while_loop(tiny):
 
 
 def test_no_recompile_within_a_bucket_or_for_new_settings(tiny):
+  """Three batches (new prompt lengths within a bucket, new temperature /
+  top-k / top-p, new limits): one trace of the whole generation, and exactly
+  one compile of each jitted method per generator. cache_size=40 is used by
+  no other test, so an earlier test cannot have compiled these programs
+  already (which would hide one recompile per method)."""
   cfg, params = tiny
-  gen = generate.Generator(cfg, cache_size=64, greedy=False)
+  gen = generate.Generator(cfg, cache_size=40, greedy=False)
 
   @jax.jit
   @chex.assert_max_traces(n=1)
   def generate_fn(params, batch):
     return gen.decode(params, gen.prefill(params, batch)).tokens
 
-  sizes = (generate.Generator.prefill._cache_size(), generate.Generator.decode._cache_size())
+  methods = (generate.Generator.prefill, generate.Generator.decode)
+  sizes = [m._cache_size() for m in methods]
   for prompt, t, k, p, n in [([2, 3], 1.0, 0, 1.0, 5), ([2, 3, 4, 5, 6, 7], 0.7, 5, 0.9, 9),
                              ([2] * 16, 0.0, 0, 1.0, 3)]:
     batch = generate.make_batch([prompt, [2, 9]], batch_size=2, bucket_len=16, max_new_tokens=n,
@@ -114,10 +123,8 @@ def test_no_recompile_within_a_bucket_or_for_new_settings(tiny):
                                 temperature=t, top_k=k, top_p=p)
     generate_fn(params, batch)
     # The jitted methods too, with a fresh but equal Generator each time,
-    # plain and speculative.
-    generate.Generator(cfg, cache_size=64, greedy=False).generate(params, batch)
-    generate.Generator(cfg, cache_size=64, greedy=False,
+    # plain and speculative: two programs per method in all.
+    generate.Generator(cfg, cache_size=40, greedy=False).generate(params, batch)
+    generate.Generator(cfg, cache_size=40, greedy=False,
                        drafter=drafters.NgramDrafter(3, cfg.vocab_size)).generate(params, batch)
-  after = (generate.Generator.prefill._cache_size(), generate.Generator.decode._cache_size())
-  # At most one new compile per generator (none if an earlier test compiled it).
-  assert after[0] - sizes[0] <= 2 and after[1] - sizes[1] <= 2, (sizes, after)
+  assert [m._cache_size() - s for m, s in zip(methods, sizes)] == [2, 2], sizes
