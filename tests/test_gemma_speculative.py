@@ -68,3 +68,8 @@ def test_shipped_mtp_drafter_loads_drafts_and_is_exact(gemma):
   assert per_call > 1.5, per_call        # it drafts what Gemma would say
   sampled = run(d, jax.device_put(dparams), temperature=1.0)
   assert all(r['new_tokens'] == 24 or r['finish_reason'] == 'eos' for r in sampled)
+  # Sampling, the target accepts drafts too: more than one token per call,
+  # and first drafts accepted in every row (all rejected would give exactly 1).
+  per_call = sum(r['new_tokens'] for r in sampled) / sum(r['target_calls'] for r in sampled)
+  assert per_call > 1.2, per_call
+  assert all(r['draft_calls'] > 0 and r['accepted_by_position'][0] > 0 for r in sampled), sampled
