@@ -46,8 +46,10 @@ def main(argv) -> None:
   except UserError as e:
     _fail(str(e))
   except KeyboardInterrupt:
-    _fail('interrupted; finished batches are in the output file')
-  print(json.dumps(summary))
+    _fail('interrupted; finished batches are in the output file (resume=true continues)')
+  from specdec_jax import runs
+  if runs.is_writer():              # several processes: process 0 alone prints the summary
+    print(json.dumps(summary))
 
 
 if __name__ == '__main__':

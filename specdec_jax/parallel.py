@@ -9,17 +9,17 @@
   (vocabulary rows of the embedding, output rows of qkv / gate_up, input
   columns of out / down), so a target too large for one core spans several.
   'data' gets gcd(devices, batch_size) devices, 'model' the rest. Multi-host:
-  when JAX_COORDINATOR_ADDRESS is set, `jax.distributed.initialize()` runs
-  first and the mesh spans every host's devices.
+  after `runs.init_distributed` (the jobs call it first) the mesh spans every
+  process's devices; each process feeds the same global batch and keeps its
+  share.
 - `auto`: pmap when there are several devices and the batch divides evenly,
-  otherwise none.
+  otherwise none; the mesh when several processes share the run.
 
 Each runner's `compile(batch)` returns a function batch -> DecodeState with
 the batch axis flat, whatever the mode.
 """
 import dataclasses
 import math
-import os
 from typing import Any, Callable
 
 import jax
@@ -40,8 +40,6 @@ class Runner:
 
 
 def _devices(num_devices):
-  if os.environ.get('JAX_COORDINATOR_ADDRESS') and jax.process_count() == 1:
-    jax.distributed.initialize()
   available = jax.devices()
   n = num_devices or len(available)
   if n > len(available):
@@ -69,6 +67,13 @@ def make_runner(gen, params, drafter_params, *, mode: str, num_devices: int,
                 batch_size: int) -> Runner:
   devices = _devices(num_devices)
   n = len(devices)
+  if jax.process_count() > 1:        # one program over every process's devices
+    if mode not in ('auto', 'mesh'):
+      raise UserError(f'parallel={mode} runs on one process; with '
+                      f'{jax.process_count()} processes use parallel=mesh (or auto)')
+    if n != len(jax.devices()):
+      raise UserError('num_devices must be 0 (every device) with several processes')
+    mode = 'mesh'
   if mode == 'auto':
     mode = 'pmap' if n > 1 and batch_size % n == 0 else 'none'
   if mode == 'none':
@@ -116,8 +121,16 @@ def _mesh_runner(gen, params, drafter_params, devices, batch_size):
   rows = NamedSharding(mesh, P('data'))
   fn = jax.jit(lambda p, b, dp: gen.decode(p, gen.prefill(p, b, dp), dp))
 
+  def put_rows(x):
+    # Typed PRNG keys go as their raw data: a process can place only host
+    # values on devices of other processes.
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(jax.device_put(np.asarray(jax.random.key_data(x)), rows),
+                                      impl=jax.random.key_impl(x))
+    return jax.device_put(x, rows)
+
   def compile(batch):
-    put = lambda b: jax.device_put(b, jax.tree.map(lambda _: rows, b))
+    put = lambda b: jax.tree.map(put_rows, b)
     compiled = fn.lower(params_s, put(batch), dparams_s).compile()
     return lambda b: compiled(params_s, put(b), dparams_s)
 
