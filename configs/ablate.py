@@ -42,7 +42,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.job = 'sweep'
   c.model = 'gemma3_270m'
   c.gguf = ''
-  c.dtype = 'float32'                 # bfloat16 on TPU
+  c.param_dtype = 'auto'              # weights: auto | bfloat16 | float32 (exact; parity)
+  c.dtype = 'float32'                 # activations: float32 | bfloat16 (TPU/GPU only)
   c.output = 'outputs/ablate'
   c.overwrite = False
   c.prompt_dir = ''                   # '' = experiments/prompts/<domain>.jsonl

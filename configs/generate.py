@@ -20,7 +20,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.job = 'generate'
   c.model = 'gemma3_270m'     # or 'tiny'
   c.gguf = ''                 # a Gemma 3 GGUF path; empty = the packaged 270M
-  c.dtype = 'float32'         # bfloat16 on TPU
+  c.param_dtype = 'auto'      # weights: auto | bfloat16 | float32 (exact; parity)
+  c.dtype = 'float32'         # activations: float32 | bfloat16 (TPU/GPU only)
   c.prompts = ''              # JSONL path; empty = built-in demo prompts
   c.output = 'outputs/generate.jsonl'
   c.max_new_tokens = 64

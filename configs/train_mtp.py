@@ -24,7 +24,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.job = 'train_drafter'
   c.model = 'gemma3_270m'       # the target; 'tiny' = random tiny model, byte tokenizer
   c.gguf = ''
-  c.dtype = 'float32'
+  c.param_dtype = 'auto'        # the target's weights: auto | bfloat16 | float32
+  c.dtype = 'float32'           # activations
   c.target_seed = 0             # model=tiny: its random weights
   c.drafter = 'mtp'             # mtp | heads
   c.num_layers = 1              # mtp decoder layers

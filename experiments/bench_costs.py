@@ -42,7 +42,7 @@ import time
 from absl import app, flags
 import jax
 
-from specdec_jax import api, config as config_lib, generate, sweep
+from specdec_jax import api, config as config_lib, generate, precision, sweep
 from specdec_jax.model import init_params
 from specdec_jax.targets import Target, load_target
 
@@ -54,7 +54,8 @@ _BATCH = flags.DEFINE_list('batch_sizes', ['1'], 'Batch sizes (prompts repeat to
 _N = flags.DEFINE_integer('prompts', 3, 'Prompts per set.')
 _NEW = flags.DEFINE_integer('new_tokens', 128, 'New tokens per prompt.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs per batch (median).')
-_DTYPE = flags.DEFINE_string('dtype', 'float32', 'Weights and activations dtype.')
+_PARAM_DTYPE = flags.DEFINE_enum('param_dtype', 'auto', ['auto', 'bfloat16', 'float32'],
+                                 'Weight dtype (auto: precision.resolve); activations float32.')
 _FROM = flags.DEFINE_string('acceptance_from', '', 'A JSON this script wrote with real weights: '
                             'its prompts, new_tokens and round counts are used here.')
 _OUT = flags.DEFINE_string('output', '', 'Write the results JSON here.')
@@ -146,9 +147,10 @@ def main(_):
   parse_drafters()                  # bad input fails before anything loads
   read_source()
   if _WEIGHTS.value == 'gguf':
-    target = load_target('gemma3_270m', dtype=_DTYPE.value)
+    target = load_target('gemma3_270m', param_dtype=_PARAM_DTYPE.value)
   else:
-    cfg = config_lib.gemma3_270m(dtype=_DTYPE.value, param_dtype=_DTYPE.value)
+    pd = precision.resolve(_PARAM_DTYPE.value)[0]
+    cfg = config_lib.gemma3_270m(param_dtype=pd)
     target = Target('gemma3_270m', cfg, jax.device_put(init_params(cfg, jax.random.key(0))), None)
   cfg, params = target.config, target.params
   source = read_source()
@@ -171,7 +173,7 @@ def main(_):
       ar_s, ar_rounds, _, ar_rows = timed_loop(ar, params, None, batches(prompts))
       step_ms = ar_s / ar_rounds * 1e3
       for kind, k in specs:
-        d = api.load_drafter(target, kind, draft_len=k, dtype=_DTYPE.value)
+        d = api.load_drafter(target, kind, draft_len=k)
         gen = generate.Generator(cfg, cache_size=cache, greedy=True, drafter=d.drafter)
         sp_s, sp_rounds, sp_verify, rows = timed_loop(gen, params, d.params, batches(prompts))
         tokens = sum(r['new_tokens'] for r in rows)
@@ -208,7 +210,7 @@ def main(_):
         results.append(res)
         print(json.dumps(res), flush=True)
   device = jax.devices()[0]
-  out = dict(weights=_WEIGHTS.value, dtype=_DTYPE.value, new_tokens=new_tokens,
+  out = dict(weights=_WEIGHTS.value, param_dtype=target.config.param_dtype, new_tokens=new_tokens,
              device=f'{device.platform}: {device.device_kind}', prompts=sets, results=results)
   if _OUT.value:
     pathlib.Path(_OUT.value).write_text(json.dumps(out, indent=1))

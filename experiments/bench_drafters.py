@@ -39,6 +39,8 @@ _REPEATS = flags.DEFINE_integer('repeats', 1, 'Timed runs per prompt (median).')
 _TEMP = flags.DEFINE_float('temperature', 0.0, '0 = greedy.')
 _MTP = flags.DEFINE_string('mtp', '', 'mtp drafter folder; empty = the shipped one.')
 _HEADS = flags.DEFINE_string('heads', '', 'heads drafter folder; empty = the shipped one.')
+_PARAM_DTYPE = flags.DEFINE_enum('param_dtype', 'auto', ['auto', 'bfloat16', 'float32'],
+                                    'Weight dtype (auto: precision.resolve).')
 
 
 def make_drafter(target, kind, k):
@@ -77,7 +79,8 @@ def run_mode(gen, params, dparams, prompts, bucket_len):
 
 
 def main(_):
-  target = load_target('gemma3_270m')
+  target = load_target('gemma3_270m', param_dtype=_PARAM_DTYPE.value)
+  print(json.dumps({'precision': target.precision}), flush=True)
   cfg, params, tok = target.config, target.params, target.tokenizer
   k, greedy = _K.value, _TEMP.value == 0
   results = []

@@ -38,6 +38,8 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs per prompt (median).')
 _MIN_N = flags.DEFINE_integer('min_ngram', 1, 'Shortest match the ngram drafter drafts from '
                               '(shorter: it abstains and the round is an AR step).')
 _MAX_N = flags.DEFINE_integer('max_ngram', 3, 'Longest match tried first.')
+_PARAM_DTYPE = flags.DEFINE_enum('param_dtype', 'auto', ['auto', 'bfloat16', 'float32'],
+                                    'Weight dtype (auto: precision.resolve).')
 
 
 
@@ -73,7 +75,8 @@ def make(ids):
 
 
 def main(_):
-  target = load_target('gemma3_270m')
+  target = load_target('gemma3_270m', param_dtype=_PARAM_DTYPE.value)
+  print(json.dumps({'precision': target.precision}), flush=True)
   cfg, params, tok = target.config, target.params, target.tokenizer
   k = _K.value
   prompts = sweep.load_prompts(sweep.PROMPT_DIR, 'repetitive', tok, 100, 0)

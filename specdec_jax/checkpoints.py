@@ -88,8 +88,11 @@ def save_drafter(directory, dcfg: DrafterConfig, params: dict, *, target: dict,
   return d
 
 
-def load_drafter(directory, dtype: str = 'float32'):
+def load_drafter(directory, param_dtype: str = 'float32'):
   """-> (DrafterConfig, params {'net': ..., 'vocab': ...}, manifest).
+
+  Matrices come back in `param_dtype`, norm scales in float32, whatever the
+  storage dtype.
 
   Raises CheckpointError (one line) for a missing folder or file, a manifest
   that does not parse, a checksum mismatch (truncated / corrupt), or arrays
@@ -115,8 +118,9 @@ def load_drafter(directory, dtype: str = 'float32'):
                           f'(sha256 {actual[:12]}..., manifest says {expected[:12]}...)')
   with np.load(npz) as z:
     flat = {k: z[k] for k in z.files}
-  flat = {k: (v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v)
-          for k, v in flat.items()}
+  from specdec_jax.model import is_matrix
+  flat = {k: (v.astype(param_dtype if is_matrix(k, v) else np.float32)
+              if np.issubdtype(v.dtype, np.floating) else v) for k, v in flat.items()}
   params = unflatten(flat)
   _check_shapes(d, dcfg, params)
   return dcfg, params, manifest

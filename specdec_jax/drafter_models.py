@@ -38,7 +38,8 @@ import jax
 import jax.numpy as jnp
 
 from specdec_jax.config import ModelConfig
-from specdec_jax.model import RMSNorm, apply_rope, linear, lm_head, rms_norm
+from specdec_jax.model import (RMSNorm, apply_rope, attend, cast_params, linear, lm_head,
+                               rms_norm, window_slice)
 
 KINDS = ('mtp', 'heads')
 
@@ -116,25 +117,22 @@ class DraftAttention(nn.Module):
     is_global = t.is_global[self.source_layer]
     w_q = self.param('q', _dense(d), (N * H, d), t.jnp_param_dtype)
     w_out = self.param('out', _dense(N * H), (d, N * H), t.jnp_param_dtype)
-    q_scale = self.param('q_norm', nn.initializers.ones, (H,), t.jnp_param_dtype)
+    q_scale = self.param('q_norm', nn.initializers.ones, (H,), jnp.float32)
     q = rms_norm(linear(x, w_q).reshape(B, T, N, H), q_scale, t.norm_eps)
     base, rscale = ((t.rope_base_global, t.rope_scale_global) if is_global
                     else (t.rope_base_local, 1.0))
     q = apply_rope(q, q_pos, base, rscale)
     keys, values = kv                                             # [B, K, S, H]
     S = keys.shape[2]
-    k_pos = jnp.arange(S)[None, None, :]
-    mask = k_pos < q_pos[:, :, None]                              # [B, T, S]
-    if not is_global:
-      mask &= k_pos > q_pos[:, :, None] - t.sliding_window
-    q = q.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4) * (t.query_pre_attn_scalar ** -0.5)
-    scores = jnp.einsum('BKGTH,BKSH->BKGTS', q, keys.astype(q.dtype)).astype(jnp.float32)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    # A query with no visible key (position 0) gets uniform weights over
-    # masked slots; zero them so it reads nothing.
-    probs = jax.nn.softmax(scores, axis=-1) * jnp.any(mask, -1)[:, None, None, :, None]
-    out = jnp.einsum('BKGTS,BKSH->BTKGH', probs.astype(x.dtype), values.astype(x.dtype))
-    return linear(out.reshape(B, T, N * H), w_out)
+    window = None if is_global else t.sliding_window
+    span = t.sliding_window + T - 1
+    if window is not None and span < S:
+      keys, values, k_pos = window_slice(keys, values, q_pos[:, 0] - window + 1, span)
+    else:
+      k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    q = q * jnp.asarray(t.query_pre_attn_scalar ** -0.5, q.dtype)
+    out = attend(q, keys, values, q_pos, k_pos, window, strict=True)
+    return linear(out, w_out)
 
 
 class GeGLU(nn.Module):
@@ -163,12 +161,12 @@ class MTPNet(nn.Module):
     w_pre = self.param('pre_projection', _dense(2 * D), (d, 2 * D), pd)
     x = linear(jnp.concatenate([emb, h], axis=-1), w_pre)
     for i, src in enumerate(cfg.kv_layers):
-      norm = lambda name: RMSNorm(eps, pd, name=f'layer_{i}_{name}')
+      norm = lambda name: RMSNorm(eps, name=f'layer_{i}_{name}')
       a = DraftAttention(cfg, src, name=f'layer_{i}_attn')(norm('pre_attn_norm')(x), q_pos, kvs[i])
       x = x + norm('post_attn_norm')(a)
       m = GeGLU(cfg.hidden_dim, pd, name=f'layer_{i}_mlp')(norm('pre_ffw_norm')(x))
       x = x + norm('post_ffw_norm')(m)
-    x = RMSNorm(eps, pd, name='final_norm')(x)
+    x = RMSNorm(eps, name='final_norm')(x)
     w_post = self.param('post_projection', _dense(d), (D, d), pd)
     h_new = linear(x, w_post)
     return h_new, lm_head(h_new, embed_sub)
@@ -185,17 +183,26 @@ class HeadsNet(nn.Module):
     D, F, n = t.embed_dim, cfg.hidden_dim, cfg.num_draft_heads
     w_pre = self.param('pre_projection', _dense(2 * D), (D, 2 * D), pd)
     u = linear(jnp.concatenate([emb, h], axis=-1), w_pre)                 # [B, T, D]
-    in_scale = self.param('in_norm', nn.initializers.ones, (n, D), pd)
-    out_scale = self.param('out_norm', nn.initializers.ones, (n, D), pd)
+    in_scale = self.param('in_norm', nn.initializers.ones, (n, D), jnp.float32)
+    out_scale = self.param('out_norm', nn.initializers.ones, (n, D), jnp.float32)
     w_gate_up = self.param('gate_up', _dense(D), (n, 2 * F, D), pd)
     w_down = self.param('down', _dense(F), (n, D, F), pd)
-    z = rms_norm(u[:, :, None, :], jnp.ones((D,), pd), eps) * in_scale   # [B, T, n, D]
-    gu = jnp.einsum('nOD,BTnD->BTnO', w_gate_up.astype(z.dtype), z)
+    ones = jnp.ones((D,), jnp.float32)
+    z = (rms_norm(u[:, :, None, :], ones, eps) * in_scale).astype(u.dtype)  # [B, T, n, D]
+    gu = _per_head(z, w_gate_up)
     gate, up = jnp.split(gu, 2, axis=-1)
-    m = jnp.einsum('nDF,BTnF->BTnD', w_down.astype(z.dtype),
-                   jax.nn.gelu(gate, approximate=True) * up)
-    hs = rms_norm(u[:, :, None, :] + m, jnp.ones((D,), pd), eps) * out_scale
+    m = _per_head(jax.nn.gelu(gate, approximate=True) * up, w_down)
+    hs = (rms_norm(u[:, :, None, :] + m, ones, eps) * out_scale).astype(u.dtype)
     return lm_head(hs, embed_sub)                                        # [B, T, n, R]
+
+
+def _per_head(x, w):
+  """x [B, T, n, I] times per-head weights w [n, O, I] -> [B, T, n, O]; bf16
+  weights multiply in bf16 and accumulate in float32, as model.matmul does."""
+  if w.dtype == jnp.float32:
+    return jnp.einsum('nOI,BTnI->BTnO', w.astype(x.dtype), x)
+  out = jnp.einsum('nOI,BTnI->BTnO', w, x.astype(w.dtype), preferred_element_type=jnp.float32)
+  return out.astype(x.dtype)
 
 
 def make_net(cfg: DrafterConfig) -> nn.Module:
@@ -203,7 +210,14 @@ def make_net(cfg: DrafterConfig) -> nn.Module:
 
 
 def init_net_params(cfg: DrafterConfig, rng) -> dict:
-  """Random network parameters (the reduced vocabulary is chosen separately)."""
+  """Random network parameters (the reduced vocabulary is chosen separately),
+  drawn in float32 and cast to the target's `param_dtype`, as model.init_params."""
+  pd = cfg.target.jnp_param_dtype
+  cfg = dataclasses.replace(cfg, target=cfg.target.replace(param_dtype='float32'))
+  return cast_params(_init_net_params(cfg, rng), pd)
+
+
+def _init_net_params(cfg: DrafterConfig, rng) -> dict:
   t = cfg.target
   B, T, D = 1, 2, t.embed_dim
   emb = jnp.zeros((B, T, D), t.jnp_dtype)

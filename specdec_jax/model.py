@@ -66,37 +66,106 @@ def apply_rope(x, positions, base, scale=1.0):
   return out.astype(x.dtype)
 
 
-def linear(x, w):
-  """x [..., I] times a weight stored [O, I] (GGUF / PyTorch layout) -> [..., O].
+def _pad_rows() -> bool:
+  """XLA:CPU multiplies a single row by bf16 weights ~7x slower than two rows
+  (DESIGN.md section 6): on CPU one-row products run as two."""
+  return jax.default_backend() == 'cpu'
 
-  Computed as w @ x^T: the weight is the big left operand and the few rows
-  of x the small right one. At one row both orders are the same GEMV; at the
-  k+1 rows of a verify pass XLA:CPU's x @ w packs the whole weight matrix on
-  every call (a profiler trace of gate_up at 5 rows: 1.5-1.8 ms against the
-  ~0.5 ms it takes to read its 10.5 MB), while w @ x^T packs only x. The LM head below is the same product.
+
+def matmul(xr, w):
+  """xr [R, I] times a weight stored [O, I] (GGUF / PyTorch layout) -> [R, O].
+
+  Float32 weights with float32 activations: computed as w @ x^T, the weight
+  the big left operand and the few rows of x the small right one (at the k+1
+  rows of a verify pass XLA:CPU's x @ w packed the whole weight on every
+  call: gate_up at 5 rows took 1.5-1.8 ms against the ~0.5 ms it takes to
+  read its 10.5 MB).
+
+  Reduced-precision weights (bfloat16): both operands in bf16, products
+  accumulated in float32 (`preferred_element_type`), the result cast back to
+  the activation dtype. Here x @ w^T is the faster order (python -m
+  experiments.bench_ar prints both forms per row count).
   """
+  if w.dtype == jnp.float32:
+    return jnp.einsum('OI,RI->OR', w.astype(xr.dtype), xr).T                # [R, O]
+  R = xr.shape[0]
+  xw = xr.astype(w.dtype)
+  if R == 1 and _pad_rows():
+    xw = jnp.concatenate([xw, xw])
+  out = jnp.einsum('RI,OI->RO', xw, w, preferred_element_type=jnp.float32)  # [R', O]
+  return out[:R].astype(xr.dtype)
+
+
+def linear(x, w):
+  """x [..., I] times a weight stored [O, I] -> [..., O] (see `matmul`)."""
   lead = x.shape[:-1]
-  xr = x.reshape(-1, x.shape[-1])
-  out = jnp.einsum('OI,RI->OR', w.astype(x.dtype), xr)                    # [O, R]
-  return out.T.reshape(*lead, w.shape[0])
+  return matmul(x.reshape(-1, x.shape[-1]), w).reshape(*lead, w.shape[0])
 
 
 def lm_head(hidden, embedding):
   """hidden [..., D] @ embedding[V, D]^T -> logits [..., V] float32.
 
-  Written as embedding @ hidden^T ([V, D] x [D, R]), like `linear`: the big
-  table is the left operand. Inside a verify pass (R = k+1) this form took
-  v = verify / decode step from 2.9 to 2.2 (python -m experiments.bench_spec);
-  timed alone in a loop the two forms are close (python -m
-  experiments.bench_ar prints both). At one row both are the same GEMV.
+  The tied head is the largest product of a step (V = 262,144 rows); it runs
+  through `matmul` like every layer, so bf16 embeddings take the bf16 path.
   """
   lead = hidden.shape[:-1]
   h = hidden.reshape(-1, hidden.shape[-1])
-  out = jnp.einsum('VD,RD->VR', embedding.astype(h.dtype), h)            # [V, R]
-  return out.T.reshape(*lead, embedding.shape[0]).astype(jnp.float32)
+  return matmul(h, embedding).reshape(*lead, embedding.shape[0]).astype(jnp.float32)
+
+
+def window_slice(keys, values, first_pos, span: int):
+  """The `span` cache slots a local layer can see, per row.
+
+  keys, values [B, K, S, H]; first_pos [B]: the first slot any query of the
+  row may read. Returns (keys, values) [B, K, span, H] and their positions
+  [B, span]. The slice is clamped inside the cache, so it may start earlier
+  than `first_pos` (the mask still applies by position). Reading only the
+  window keeps a local layer's cost independent of the cache size.
+  """
+  S = keys.shape[2]
+  start = jnp.clip(first_pos, 0, S - span)
+  cut = jax.vmap(lambda c, s0: jax.lax.dynamic_slice_in_dim(c, s0, span, axis=1))
+  key_pos = start[:, None] + jnp.arange(span, dtype=jnp.int32)[None, :]
+  return cut(keys, start), cut(values, start), key_pos
+
+
+def attend(q, keys, values, q_pos, key_pos, window: Optional[int], strict: bool = False):
+  """Masked softmax attention, grouped-query, in float32.
+
+  q [B, T, N, H] (scaled, rotated); keys, values [B, K, S, H]; q_pos [B, T];
+  key_pos [B, S]. Key j is visible to the query at position p iff j <= p
+  (j < p when `strict`) and, with a window, j > p - window. Returns
+  [B, T, N * H]; a query that sees no key reads zeros.
+
+  Written as two `lax.dot_general`s batched over (B, K) with the G * T query
+  rows of each kv head stacked: XLA:CPU runs that form ~5x faster than the
+  five-letter einsums over [B, K, G, T, S] at batch 8 x 2048 slots (one
+  layer 19 ms -> 4 ms; `python -m experiments.bench_ar` prints both forms).
+  """
+  B, T, N, H = q.shape
+  K = keys.shape[1]
+  G = N // K
+  rows = q.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
+  scores = jax.lax.dot_general(rows, keys.astype(rows.dtype),
+                               (((3,), (3,)), ((0, 1), (0, 1))))           # [B, K, TG, S]
+  scores = scores.astype(jnp.float32)
+  row_pos = jnp.repeat(q_pos, G, axis=1)[:, :, None]                        # [B, TG, 1]
+  k_pos = key_pos[:, None, :]                                               # [B, 1, S]
+  mask = (k_pos < row_pos) if strict else (k_pos <= row_pos)
+  if window is not None:
+    mask &= k_pos > row_pos - window
+  scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  if strict:   # a query at position 0 sees nothing: zero its uniform weights
+    probs = probs * jnp.any(mask, -1)[:, None, :, None]
+  out = jax.lax.dot_general(probs.astype(values.dtype), values,
+                            (((3,), (2,)), ((0, 1), (0, 1))))               # [B, K, TG, H]
+  out = out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4)                 # [B, T, K, G, H]
+  return out.reshape(B, T, N * H).astype(q.dtype)
 
 
 class RMSNorm(nn.Module):
+  """Norm scales stay float32 whatever the weights' dtype (see `cast_params`)."""
   eps: float
   param_dtype: jnp.dtype = jnp.float32
 
@@ -123,8 +192,8 @@ class Attention(nn.Module):
     # One fused projection for q, k, v: a single GEMV per layer when decoding.
     w_qkv = self.param('qkv', _dense_init(D), ((N + 2 * K) * H, D), pd)
     w_out = self.param('out', _dense_init(N * H), (D, N * H), pd)
-    q_scale = self.param('q_norm', nn.initializers.ones, (H,), pd)
-    k_scale = self.param('k_norm', nn.initializers.ones, (H,), pd)
+    q_scale = self.param('q_norm', nn.initializers.ones, (H,), jnp.float32)
+    k_scale = self.param('k_norm', nn.initializers.ones, (H,), jnp.float32)
 
     qkv = linear(x, w_qkv)
     q, k, v = jnp.split(qkv, [N * H, (N + K) * H], axis=-1)
@@ -140,8 +209,10 @@ class Attention(nn.Module):
 
     k = k.transpose(0, 2, 1, 3)                                  # [B, K, T, H]
     v = v.transpose(0, 2, 1, 3)
+    window = None if self.is_global else cfg.sliding_window
     if cache_kv is None:
       keys, values, key_pos = k, v, positions
+      new_kv = None
     else:
       # Row b writes slots positions[b]; a scatter with in-bounds, unique,
       # sorted indices updates the loop-carried cache in place (a vmapped
@@ -154,25 +225,17 @@ class Attention(nn.Module):
           indices_are_sorted=True)
       keys = write(cache_kv[0], k)                               # [B, K, S, H]
       values = write(cache_kv[1], v)
-      key_pos = jnp.broadcast_to(jnp.arange(keys.shape[2]), (B, keys.shape[2]))
-
-    # Causal, plus the sliding window on local layers: key j is visible to the
-    # query at position p iff j <= p and (global or j > p - window).
-    q_pos, k_pos = positions[:, :, None], key_pos[:, None, :]       # [B, T, 1], [B, 1, S]
-    mask = k_pos <= q_pos
-    if not self.is_global:
-      mask &= k_pos > q_pos - cfg.sliding_window                   # [B, T, S]
-
-    q = q.reshape(B, T, K, N // K, H) * (cfg.query_pre_attn_scalar ** -0.5)
-    q = q.transpose(0, 2, 3, 1, 4)                              # [B, K, G, T, H]
-    scores = jnp.einsum('BKGTH,BKSH->BKGTS', q, keys.astype(q.dtype))
-    scores = scores.astype(jnp.float32)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-    out = jnp.einsum('BKGTS,BKSH->BTKGH', probs, values.astype(x.dtype))
-    out = linear(out.reshape(B, T, N * H), w_out)
-    new_kv = None if cache_kv is None else (keys, values)
-    return out, new_kv
+      new_kv = (keys, values)
+      S = keys.shape[2]
+      span = cfg.sliding_window + T - 1
+      if window is not None and span < S:
+        # A local layer reads only the slots its window can reach.
+        keys, values, key_pos = window_slice(keys, values, positions[:, 0] - window + 1, span)
+      else:
+        key_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    q = q * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, q.dtype)
+    out = attend(q, keys, values, positions, key_pos, window)
+    return linear(out, w_out), new_kv
 
 
 class MLP(nn.Module):
@@ -196,7 +259,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, positions, cache_kv):
     cfg = self.config
-    norm = lambda name: RMSNorm(cfg.norm_eps, cfg.jnp_param_dtype, name=name)
+    norm = lambda name: RMSNorm(cfg.norm_eps, name=name)
     h, new_kv = Attention(cfg, self.is_global, name='attn')(
         norm('pre_attn_norm')(x), positions, cache_kv)
     x = x + norm('post_attn_norm')(h)
@@ -215,7 +278,7 @@ class Transformer(nn.Module):
         'embedding', nn.initializers.normal(stddev=1.0 / math.sqrt(cfg.embed_dim)),
         (cfg.vocab_size, cfg.embed_dim), cfg.jnp_param_dtype)             # [V, D]
     self.blocks = [Block(cfg, g, name=f'layer_{i}') for i, g in enumerate(cfg.is_global)]
-    self.final_norm = RMSNorm(cfg.norm_eps, cfg.jnp_param_dtype)
+    self.final_norm = RMSNorm(cfg.norm_eps)
 
   def embed(self, tokens):
     """Scaled token embedding, [B, T] -> [B, T, D]."""
@@ -252,12 +315,32 @@ class Transformer(nn.Module):
     return logits, hidden, cache
 
 
+def is_matrix(path: str, leaf) -> bool:
+  """True for the weights that matmuls read (they take `param_dtype`); norm
+  scales and integer tables stay as they are. `path` is '/'-joined names."""
+  return (jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.ndim >= 2
+          and 'norm' not in path.rsplit('/', 1)[-1])
+
+
+def cast_params(params, param_dtype):
+  """Matrices to `param_dtype`, norm scales to float32 (numpy or jax leaves)."""
+  def cast(path, leaf):
+    name = '/'.join(str(getattr(p, 'key', p)) for p in path)
+    if is_matrix(name, leaf):
+      return leaf.astype(param_dtype)
+    return leaf.astype(jnp.float32) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def init_params(config: ModelConfig, rng) -> dict:
-  """Random parameters (for tests and from-scratch training)."""
-  model = Transformer(config)
+  """Random parameters (for tests and from-scratch training), drawn in float32
+  and cast to the config's `param_dtype`: the same seed gives the same model
+  at every weight precision, up to rounding."""
+  model = Transformer(config.replace(param_dtype='float32'))
   tokens = jnp.zeros((1, 1), jnp.int32)
-  return model.init(rng, tokens, compute_logits=True)['params']
+  return cast_params(model.init(rng, tokens, compute_logits=True)['params'],
+                     config.jnp_param_dtype)
 
 
 def param_shapes(config: ModelConfig) -> dict:

@@ -30,7 +30,7 @@ import optax
 from specdec_jax import config as config_lib
 from specdec_jax.checkpoints import CheckpointError, flatten, sha256_file, unflatten
 from specdec_jax.errors import UserError
-from specdec_jax.model import Transformer, init_params
+from specdec_jax.model import Transformer, cast_params, init_params
 from specdec_jax.tokenizer import Tokenizer
 
 FORMAT = 1
@@ -83,7 +83,7 @@ def is_target_dir(path: str) -> bool:
   return bool(path) and (pathlib.Path(path) / 'target.json').is_file()
 
 
-def load_target_dir(directory, dtype: str = 'float32'):
+def load_target_dir(directory, param_dtype: str = 'float32', dtype: str = 'float32'):
   """-> (ModelConfig, params, Tokenizer); CheckpointError on any damage."""
   d = pathlib.Path(directory)
   for name in ('target.json', 'params.npz', 'tokenizer.model'):
@@ -91,13 +91,14 @@ def load_target_dir(directory, dtype: str = 'float32'):
       raise CheckpointError(f'target folder {d}: missing {name}')
   try:
     manifest = json.loads((d / 'target.json').read_text())
-    cfg = config_lib.ModelConfig(**manifest['config']).replace(dtype=dtype, param_dtype=dtype)
+    cfg = config_lib.ModelConfig(**manifest['config']).replace(dtype=dtype,
+                                                                   param_dtype=param_dtype)
   except (ValueError, KeyError, TypeError) as e:
     raise CheckpointError(f'target folder {d}: unreadable target.json ({e})') from None
   if sha256_file(d / 'params.npz') != manifest.get('sha256'):
     raise CheckpointError(f'target folder {d}: params.npz is corrupt or truncated')
   with np.load(d / 'params.npz') as z:
-    params = unflatten({k: z[k].astype(dtype) for k in z.files})
+    params = cast_params(unflatten({k: z[k] for k in z.files}), param_dtype)
   return cfg, params, Tokenizer((d / 'tokenizer.model').read_bytes())
 
 

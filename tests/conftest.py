@@ -25,4 +25,4 @@ def tiny():
 @pytest.fixture(scope='session')
 def gemma():
   from specdec_jax.targets import load_target
-  return load_target('gemma3_270m')
+  return load_target('gemma3_270m', param_dtype='float32')

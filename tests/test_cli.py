@@ -77,6 +77,9 @@ BAD = [
     (dict(drafter='ngram', min_ngram=4), 'min_ngram'),
     (dict(num_devices=64), 'device'),
     (dict(num_devices=1, parallel='warp'), 'parallel'),
+    (dict(param_dtype='float8'), 'param_dtype must be one of'),
+    (dict(dtype='float16'), 'dtype must be one of'),
+    (dict(dtype='bfloat16', param_dtype='bfloat16'), 'not supported on CPU'),
 ]
 
 

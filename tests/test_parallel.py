@@ -6,7 +6,7 @@ import pytest
 
 from specdec_jax import drafters, generate, parallel
 from specdec_jax.errors import UserError
-from specdec_jax.model import init_params
+from specdec_jax.model import cast_params, init_params
 
 PROMPTS = [[2, 10, 11, 12], [2, 7], [2, 20, 21, 22, 23, 24, 25, 26, 27], [2, 5, 9],
            [2, 3, 3], [2, 4, 4, 4], [2, 30], [2, 31, 32]]
@@ -24,16 +24,22 @@ def _batch(temperature):
 # sampled drafter is another random model, so drafts are rejected and the
 # residual is sampled under pmap and the mesh too (the target drafting for
 # itself would accept every draft and never reach that code).
-@pytest.mark.parametrize('temperature, drafter_kind',
-                         [(1.0, 'none'), (0.0, 'ngram'), (1.0, 'draft_model')])
-def test_pmap_and_mesh_equal_single_device(tiny, drafter_kind, temperature):
+# The last case repeats the rejecting draft_model with bf16 weights (the
+# mesh shards bf16 matrices; the exactness argument is the same).
+@pytest.mark.parametrize('temperature, drafter_kind, param_dtype',
+                         [(1.0, 'none', 'float32'), (0.0, 'ngram', 'float32'),
+                          (1.0, 'draft_model', 'float32'), (1.0, 'draft_model', 'bfloat16')])
+def test_pmap_and_mesh_equal_single_device(tiny, drafter_kind, temperature, param_dtype):
   assert jax.device_count() == 8, 'conftest sets 8 fake CPU devices'
   cfg, params = tiny
+  cfg = cfg.replace(param_dtype=param_dtype)
+  params = cast_params(params, param_dtype)
   k = 3
   drafter, dparams = {
       'none': (None, None),
       'ngram': (drafters.NgramDrafter(k, cfg.vocab_size), None),
-      'draft_model': (drafters.DraftModelDrafter(cfg, k), init_params(cfg, jax.random.key(7))),
+      'draft_model': (drafters.DraftModelDrafter(cfg, k),
+                      cast_params(init_params(cfg, jax.random.key(7)), param_dtype)),
   }[drafter_kind]
   gen = generate.Generator(cfg, cache_size=64, greedy=temperature == 0, drafter=drafter)
   batch = _batch(temperature)

@@ -11,7 +11,7 @@ import pytest
 from specdec_jax import config as config_lib
 from specdec_jax import drafters, generate, rejection
 from specdec_jax.drafter_models import DrafterConfig, init_drafter_params
-from specdec_jax.model import Transformer, init_params
+from specdec_jax.model import Transformer, cast_params, init_params
 
 PROMPTS = [[2, 10, 11, 12], [2, 7], [2, 20, 21, 22, 23, 24, 25, 26, 27], [2, 5, 9], [2, 3, 3]]
 
@@ -85,6 +85,26 @@ def test_greedy_speculative_equals_autoregressive(tiny, k, max_new):
       assert (accepted == calls[:, None]).all()
     if name == 'always_wrong':    # nothing accepted: one token per call
       assert (calls == max_new).all() and (accepted == 0).all(), name
+
+
+def test_greedy_speculative_equals_autoregressive_with_bf16_weights(tiny):
+  """The same with bfloat16 weights (bf16 matmuls accumulating in float32):
+  the exactness argument does not depend on the precision, and a verify pass
+  (k + 1 rows) must give the same argmax as the AR step (one row, padded to
+  two on CPU) on this model."""
+  cfg, params = tiny
+  cfg = cfg.replace(param_dtype='bfloat16')
+  params = cast_params(params, jnp.bfloat16)
+  assert params['layer_0']['attn']['qkv'].dtype == jnp.bfloat16
+  ar = run(cfg, params, PROMPTS, max_new=17, batch_size=6)
+  for name, (d, dp) in drafter_cases(cfg, params, 4).items():
+    sp = run(cfg, params, PROMPTS, d, dp, max_new=17, batch_size=6)
+    assert [s['completion_ids'] for s in sp] == [a['completion_ids'] for a in ar], name
+    calls = np.array([s['target_calls'] for s in sp])
+    if name == 'target_itself':
+      assert (calls == -(-17 // 5)).all(), name
+    if name == 'always_wrong':
+      assert (calls == 17).all(), name
 
 
 def test_ragged_rows_equal_solo_runs_and_eos_mid_block(tiny):
@@ -298,6 +318,27 @@ def test_sampled_speculative_matches_autoregressive_distribution(small_target, s
                          functools.partial(PatchedGenerator, patch=bug))
   ratios = dict(chi2_tests(broken, ref, cfg.vocab_size))
   assert max(ratios.values()) > 1, (bug, ratios)
+
+
+@pytest.mark.parametrize('kind', ['draft_model', 'mtp', 'heads', 'ngram'])
+def test_sampled_speculative_is_exact_with_bf16_weights(small_target, kind):
+  """With bfloat16 weights the target is the bf16-weight model: speculative
+  samples must follow its exact distributions (enumerated with the same
+  weights), at T = 1, marginals and joints as above."""
+  cfg, params, dparams, _ = small_target
+  cfg = cfg.replace(param_dtype='bfloat16')
+  params, dparams = cast_params(params, jnp.bfloat16), cast_params(dparams, jnp.bfloat16)
+  setting = SETTINGS[0]
+  drafter, dp, prompt = sampled_case(cfg, dparams, kind)
+  spec = sampled_run(cfg, params, prompt, drafter, dp, setting)
+  calls = np.array([s['target_calls'] for s in spec])
+  assert calls.sum() < N * NEW                        # drafts were accepted
+  ref = exact_distributions(cfg, params, prompt, NEW, *setting)
+  ref32 = exact_distributions(cfg.replace(param_dtype='float32'), small_target[1], prompt,
+                              NEW, *setting)
+  assert np.abs(ref[0][0] - ref32[0][0]).max() > 0    # the bf16 model is another model
+  for name, ratio in chi2_tests(spec, ref, cfg.vocab_size):
+    assert ratio < 1, (name, ratio)
 
 
 @pytest.mark.parametrize('setting', SETTINGS, ids=lambda s: '-'.join(map(str, s)))
