@@ -11,11 +11,10 @@
 `generate` puts all prompts in one batch (padded to a multiple of the device
 count), runs it on every local device (`parallel='auto'`: pmap over TPU
 cores, one device on a CPU), compiles once (timed apart), and returns the
-completions with the run's statistics. The experiment jobs (generation_job,
-sweep) are built from the same pieces.
+completions with the run's statistics. It runs through `runs.Run`, as the
+experiment jobs (generation_job, sweep) do.
 """
 import dataclasses
-import time
 from typing import Any, List, Optional, Sequence, Union
 
 import jax
@@ -23,8 +22,6 @@ import numpy as np
 
 from specdec_jax import config as config_lib
 from specdec_jax import drafters as drafters_lib
-from specdec_jax import generate as gen_lib
-from specdec_jax import parallel as parallel_lib
 from specdec_jax.model import init_params
 from specdec_jax.targets import Target, load_target  # noqa: F401  (re-exported)
 
@@ -60,12 +57,12 @@ class Result:
 
 def load_drafter(target: Target, kind: str, *, draft_len: int = 4, checkpoint: str = '',
                  max_ngram: int = 3, min_ngram: int = 1, num_layers: int = 2,
-                 dtype: str = 'float32',
                  seed: int = 0) -> Drafter:
   """kind: 'ngram'; 'mtp' / 'heads' (checkpoint '' = the one shipped for the
   target); 'draft_model' (checkpoint '' = a random `num_layers` Gemma with the
   target's vocabulary; 'target' = the target itself). ValueError (one line)
-  for a missing, corrupt or incompatible checkpoint or an impossible k."""
+  for a missing, corrupt or incompatible checkpoint or an impossible k.
+  The drafter computes in the target's weight and activation dtypes."""
   from specdec_jax import checkpoints
   from specdec_jax.generation_job import shipped_drafter
   cfg = target.config
@@ -75,7 +72,8 @@ def load_drafter(target: Target, kind: str, *, draft_len: int = 4, checkpoint: s
                                              min_ngram=min_ngram), None, kind)
   if kind == 'draft_model':
     dcfg = cfg if checkpoint == 'target' else config_lib.tiny(
-        vocab_size=cfg.vocab_size, num_layers=num_layers, dtype=dtype, param_dtype=dtype)
+        vocab_size=cfg.vocab_size, num_layers=num_layers, dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype)
     params = (target.params if checkpoint == 'target' else
               jax.device_put(init_params(dcfg, jax.random.key(seed + 1))))
     return Drafter(drafters_lib.make_drafter('draft_model', draft_len=draft_len,
@@ -84,7 +82,7 @@ def load_drafter(target: Target, kind: str, *, draft_len: int = 4, checkpoint: s
   path = checkpoint or shipped_drafter(target.name, kind)
   if not path:
     raise ValueError(f'no {kind} drafter is shipped for {target.name!r}; pass a checkpoint')
-  dcfg, params, _ = checkpoints.load_drafter(path, dtype=dtype)
+  dcfg, params, _ = checkpoints.load_drafter(path, param_dtype=cfg.param_dtype)
   if dcfg.kind != kind:
     raise ValueError(f'{path} holds a {dcfg.kind} drafter, not {kind}')
   # The head's vocabulary subset is ids; its weights are the target's embedding.
@@ -97,29 +95,20 @@ def generate(target: Target, prompts: Sequence[Union[str, Sequence[int]]], *,
              drafter: Optional[Drafter] = None, max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              parallel: str = 'auto') -> Result:
+  from specdec_jax import runs
   cfg, tok = target.config, target.tokenizer
   ids = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
   n_dev = jax.local_device_count()
   batch_size = -(-len(ids) // n_dev) * n_dev if parallel in ('auto', 'pmap') else len(ids)
-  k = drafter.drafter.draft_len if drafter else 0
-  bucket_len = gen_lib.bucket(max(map(len, ids)))
-  cache = -(-(bucket_len + max_new_tokens + k + 1) // 128) * 128
-  gen = gen_lib.Generator(cfg, cache_size=cache, greedy=temperature == 0,
-                          drafter=drafter and drafter.drafter)
-  dparams = drafter.params if drafter else None
-  runner = parallel_lib.make_runner(gen, target.params, dparams, mode=parallel, num_devices=0,
-                                    batch_size=batch_size)
-  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(np.arange(len(ids)))
-  batch = gen_lib.make_batch(ids, batch_size=batch_size, bucket_len=bucket_len,
-                             max_new_tokens=max_new_tokens, keys=keys, temperature=temperature,
-                             top_k=top_k, top_p=top_p)
-  t = time.perf_counter()
-  run = runner.compile(batch)
-  compile_s = time.perf_counter() - t
-  t = time.perf_counter()
-  state = jax.block_until_ready(run(batch))
-  seconds = time.perf_counter() - t
-  rows = gen_lib.completions(state, cfg.eos_id)
+  run = runs.Run.build(target, drafter and drafter.drafter, drafter.params if drafter else None,
+                       longest_prompt=max(map(len, ids)), max_new_tokens=max_new_tokens,
+                       batch_size=batch_size, temperature=temperature, top_k=top_k, top_p=top_p,
+                       parallel=parallel)
+  k, runner = run.draft_len, run.runner
+  batch = run.batch(ids, runs.row_keys(seed, range(len(ids))))
+  state, seconds = run(batch)
+  compile_s = run.compile_seconds
+  rows = run.completions(state)
   calls = sum(r['target_calls'] for r in rows)
   draft_calls = sum(r['draft_calls'] for r in rows)
   accepted = np.sum([r['accepted_by_position'] for r in rows], axis=0) if k else np.zeros(0)

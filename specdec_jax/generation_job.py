@@ -5,10 +5,15 @@
 `run(config)` validates the whole config before loading anything, reads the
 prompts, batches them (sorted by length, each batch padded to a power-of-two
 bucket), compiles each shape once ahead of time (timed as compile_seconds),
-generates, and appends each finished batch to the output JSONL at once, so an
-interrupted run keeps what it finished. It returns the summary dict whose JSON
-the entry point prints as the last stdout line.
+generates, and appends each finished batch to the output JSONL at once
+(flushed and synced: a kill loses at most the batch in flight). An existing
+output is refused unless `resume` (skip the (index, sample) pairs already
+there; settings must match `<output>.meta.json`) or `overwrite`
+(outputs.py). It returns the summary dict whose JSON the entry point prints
+as the last stdout line. Multi-host: every process runs this with the same
+config; process 0 alone writes (runs.py).
 """
+import hashlib
 import json
 import math
 import os
@@ -21,8 +26,7 @@ import jax
 import numpy as np
 
 from specdec_jax import config as config_lib
-from specdec_jax import drafters, parallel
-from specdec_jax import generate as gen_lib
+from specdec_jax import drafters, outputs, precision, runs
 from specdec_jax.errors import UserError
 from specdec_jax.measure import median_seconds
 from specdec_jax.model import init_params
@@ -67,12 +71,27 @@ def validate(c) -> None:
     raise UserError(f'unknown parallel mode {c.parallel!r}; choose one of {", ".join(PARALLEL)}')
   if c.num_devices < 0:
     raise UserError(f'num_devices must be >= 0 (0 = all), got {c.num_devices}')
-  if c.dtype not in ('float32', 'bfloat16'):
-    raise UserError(f'dtype must be float32 or bfloat16, got {c.dtype!r}')
+  precision.resolve(c.param_dtype, c.dtype)       # names and combination; 'auto' later
   if not c.output:
     raise UserError('output must name a JSONL file')
   if c.prompts and not os.path.isfile(c.prompts):
     raise UserError(f'prompts file not found: {c.prompts}')
+  if c.gguf and not os.path.isfile(c.gguf):
+    raise UserError(f'GGUF file not found: {c.gguf}')
+  if c.drafter_checkpoint and not os.path.isfile(os.path.join(c.drafter_checkpoint, 'drafter.json')):
+    raise UserError(f'drafter_checkpoint {c.drafter_checkpoint} is not a drafter folder '
+                    '(no drafter.json)')
+  outputs.check_resume_flags(c)
+  # Sizes the model's context rules out, before it loads (the prompts'
+  # lengths are checked once tokenized, still before any cache exists).
+  context = runs.known_context(c.model, c.gguf)
+  k = c.draft_len + 1 if resolve_drafter(c) != 'none' else 0
+  if context and 1 + c.max_new_tokens + k > context:
+    raise UserError(f'max_new_tokens={c.max_new_tokens}' + (f' + draft_len + 1 = {k}' if k else '')
+                    + f' leaves no room for a prompt in the model context {context}; lower '
+                    + ('them' if k else 'it'))
+  if c.cache_size and context and c.cache_size > context:
+    raise UserError(f'cache_size={c.cache_size} exceeds the model context {context}')
 
 
 def read_prompts(path: str) -> List[dict]:
@@ -131,7 +150,7 @@ def make_drafter(c, target):
       raise UserError(f'no {kind} drafter is shipped for model {c.model!r}; '
                       'set drafter_checkpoint to a trained one')
     try:
-      dcfg, params, _ = checkpoints.load_drafter(path, dtype=c.dtype)
+      dcfg, params, _ = checkpoints.load_drafter(path, param_dtype=cfg.param_dtype)
       d = drafters.make_drafter(kind, draft_len=c.draft_len, target_config=cfg,
                                 drafter_config=dcfg)
     except ValueError as e:         # CheckpointError included
@@ -145,7 +164,7 @@ def make_drafter(c, target):
       return drafters.make_drafter('draft_model', draft_len=c.draft_len, target_config=cfg,
                                    drafter_config=cfg), target.params
     dcfg = config_lib.tiny(vocab_size=c.draft_vocab_size or cfg.vocab_size, num_layers=2,
-                           dtype=c.dtype, param_dtype=c.dtype)
+                           dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     d = drafters.make_drafter('draft_model', draft_len=c.draft_len, target_config=cfg,
                               drafter_config=dcfg)
   except ValueError as e:
@@ -153,15 +172,64 @@ def make_drafter(c, target):
   return d, jax.device_put(init_params(dcfg, jax.random.key(c.seed + 1)))
 
 
-def _round_up(n, m):
-  return -(-n // m) * m
+def settings(c, rows) -> dict:
+  """What determines the output lines (stored beside the output; `resume`
+  refuses other settings). Batch size, parallel mode and devices are left
+  out: a row's output does not depend on them."""
+  kind = resolve_drafter(c)
+  s = dict(format=1, model=c.model, model_weights=runs.model_identity(c.model, c.gguf, c.seed),
+           param_dtype=precision.resolve(c.param_dtype, c.dtype)[0], dtype=c.dtype,
+           drafter=kind, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, seed=c.seed,
+           max_new_tokens=c.max_new_tokens, num_samples=c.num_samples,
+           prompts=hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest())
+  if kind != 'none':
+    s['draft_len'] = c.draft_len
+  if kind in ('mtp', 'heads'):
+    path = c.drafter_checkpoint or shipped_drafter(c.model, kind)
+    s['drafter_weights'] = path and outputs.file_digest(pathlib.Path(path) / 'drafter.json')
+  elif kind == 'ngram':
+    s.update(max_ngram=c.max_ngram, min_ngram=c.min_ngram)
+  elif kind == 'draft_model':
+    s.update(draft_model=c.draft_model, draft_vocab_size=c.draft_vocab_size)
+  return s
+
+
+def line_for(i, s, r, rows, tok, seconds, verified, part_ms) -> dict:
+  line = {'index': i, 'sample': s, 'prompt_ids': r['prompt_ids'],
+          'completion_ids': r['completion_ids'],
+          'completion': tok.decode(r['completion_ids']),
+          'finish_reason': r['finish_reason'],
+          'stats': {'new_tokens': r['new_tokens'], 'target_calls': r['target_calls'],
+                    'draft_calls': r['draft_calls'],
+                    'mean_accepted_per_call': round(r['new_tokens'] / max(r['target_calls'], 1), 4),
+                    'acceptance_by_position': [
+                        round(a / max(r['draft_calls'], 1), 4) for a in r['accepted_by_position']],
+                    'seconds': round(seconds, 4)}}
+  if part_ms:                     # this row's batch: verify rounds x measured cost
+    line['stats'].update(draft_seconds=round(verified * part_ms[0] / 1e3, 4),
+                         verify_seconds=round(verified * part_ms[1] / 1e3, 4))
+  if 'prompt' in rows[i]:
+    line['prompt'] = rows[i]['prompt']
+  return line
 
 
 def run(c) -> dict:
+  runs.init_distributed(c)           # before anything touches the backend
   validate(c)
   rows = read_prompts(c.prompts)
+  jobs = [(i, s) for i in range(len(rows)) for s in range(c.num_samples)]
+  out = None
+
+  def open_output():                 # process 0 only; the others learn what is done
+    nonlocal out
+    out = outputs.JsonlOutput(c.output, settings(c, rows), resume=c.get('resume', False),
+                              overwrite=c.get('overwrite', False), key=lambda l: (l['index'], l['sample']))
+    return [int(j in out.done) for j in jobs]
+
+  done = runs.agree(open_output)
   t0 = time.perf_counter()
-  target = load_target(c.model, gguf=c.gguf, dtype=c.dtype, seed=c.seed)
+  target = load_target(c.model, gguf=c.gguf, param_dtype=c.param_dtype, dtype=c.dtype,
+                       seed=c.seed)
   cfg, tok = target.config, target.tokenizer
   load_seconds = time.perf_counter() - t0
 
@@ -174,92 +242,60 @@ def run(c) -> dict:
     prompts.append(ids)
   drafter, drafter_params = make_drafter(c, target)
   k = 0 if drafter is None else c.draft_len
-  # A round may write k + 1 slots past a row's last token (then rolls back).
-  margin = k + 1 if k else 0
-  longest = max(len(p) for p in prompts)
-  need = gen_lib.bucket(longest) + c.max_new_tokens + margin
-  cache_size = c.cache_size or _round_up(need, 128)
-  if cache_size > cfg.max_context + margin:
-    raise UserError(f'a cache of {cache_size} slots exceeds the model context '
-                    f'{cfg.max_context}; lower max_new_tokens or draft_len')
-  for i, p in enumerate(prompts):
-    if len(p) + c.max_new_tokens + margin > cache_size:
-      raise UserError(f'prompt {i} has {len(p)} tokens; with max_new_tokens='
-                      f'{c.max_new_tokens}' + (f' and draft_len={k}' if k else '') +
-                      f' it needs a cache of {len(p) + c.max_new_tokens + margin}'
-                      f' > {cache_size} (cache_size; the model allows {cfg.max_context})')
-
-  gen = gen_lib.Generator(cfg, cache_size=cache_size, greedy=c.temperature == 0,
-                          drafter=drafter)
-  runner = parallel.make_runner(gen, target.params, drafter_params, mode=c.parallel,
-                                num_devices=c.num_devices, batch_size=c.batch_size)
-  jobs = [(i, s) for i in range(len(prompts)) for s in range(c.num_samples)]
-  jobs.sort(key=lambda j: len(prompts[j[0]]))           # similar lengths share a bucket
-  base_key = jax.random.key(c.seed)
-  compiled = {}
+  # Sized from every prompt, done or not: a resumed run compiles what the
+  # uninterrupted one did.
+  run_ = runs.Run.build(target, drafter, drafter_params,
+                        longest_prompt=max(len(p) for p in prompts),
+                        max_new_tokens=c.max_new_tokens, batch_size=c.batch_size,
+                        temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+                        parallel=c.parallel, num_devices=c.num_devices, cache_size_=c.cache_size)
+  gen, runner, cache_size = run_.gen, run_.runner, run_.cache_size
+  kept = sum(done)
+  todo = [j for j, d in zip(jobs, done) if not d]
+  todo.sort(key=lambda j: len(prompts[j[0]]))           # similar lengths share a bucket
   part_ms, total_rounds = None, 0
-  compile_seconds = gen_seconds = 0.0
+  gen_seconds = 0.0
   new_tokens = target_calls = draft_calls = 0
   verify_rounds = 0
   accepted_total = np.zeros(k, np.int64)
-  out_path = pathlib.Path(c.output)
-  out_path.parent.mkdir(parents=True, exist_ok=True)
-  with out_path.open('w', encoding='utf-8') as out:
-    for start in range(0, len(jobs), c.batch_size):
-      chunk = jobs[start:start + c.batch_size]
-      ids = [prompts[i] for i, _ in chunk]
-      keys = jax.vmap(lambda i, s: jax.random.fold_in(jax.random.fold_in(base_key, i), s))(
-          np.array([i for i, _ in chunk]), np.array([s for _, s in chunk]))
-      batch = gen_lib.make_batch(
-          ids, batch_size=c.batch_size, bucket_len=min(gen_lib.bucket(max(map(len, ids))), cache_size),
-          max_new_tokens=c.max_new_tokens, keys=keys, temperature=c.temperature,
-          top_k=c.top_k, top_p=c.top_p)
-      shape = batch.prompts.shape
-      if shape not in compiled:
-        t = time.perf_counter()
-        compiled[shape] = runner.compile(batch)
-        compile_seconds += time.perf_counter() - t
-      t = time.perf_counter()
-      state = jax.block_until_ready(compiled[shape](batch))
-      seconds = time.perf_counter() - t
+  try:
+    for start in range(0, len(todo), c.batch_size):
+      chunk = todo[start:start + c.batch_size]
+      batch = run_.batch([prompts[i] for i, _ in chunk],
+                         runs.row_keys(c.seed, [i for i, _ in chunk], [s for _, s in chunk]))
+      state, seconds = run_(batch)
       gen_seconds += seconds
       if drafter is not None and runner.mode == 'none' and part_ms is None:
         t = time.perf_counter()
         part_ms = time_parts(gen, target.params, drafter_params, state)
-        compile_seconds += time.perf_counter() - t - 10 * sum(part_ms) / 1e3
+        run_.compile_seconds += time.perf_counter() - t - 10 * sum(part_ms) / 1e3
+      state = runs.local(state)
       # pmap returns one loop counter per device: the batch took the longest.
       rounds, verified = int(np.max(state.step)), int(np.max(state.verify_rounds))
       total_rounds += rounds
       verify_rounds += verified
-      results = gen_lib.completions(state, cfg.eos_id)
+      results = run_.completions(state)
+      lines = []
       for (i, s), r in zip(chunk, results):
         new_tokens += r['new_tokens']
         target_calls += r['target_calls']
         draft_calls += r['draft_calls']
         accepted_total += np.array(r['accepted_by_position'], np.int64)
-        line = {'index': i, 'sample': s, 'prompt_ids': r['prompt_ids'],
-                'completion_ids': r['completion_ids'],
-                'completion': tok.decode(r['completion_ids']),
-                'finish_reason': r['finish_reason'],
-                'stats': {'new_tokens': r['new_tokens'], 'target_calls': r['target_calls'],
-                          'draft_calls': r['draft_calls'],
-                          'mean_accepted_per_call': round(r['new_tokens'] / max(r['target_calls'], 1), 4),
-                          'acceptance_by_position': [
-                              round(a / max(r['draft_calls'], 1), 4) for a in r['accepted_by_position']],
-                          'seconds': round(seconds, 4)}}
-        if part_ms:                     # this row's batch: verify rounds x measured cost
-          line['stats'].update(draft_seconds=round(verified * part_ms[0] / 1e3, 4),
-                               verify_seconds=round(verified * part_ms[1] / 1e3, 4))
-        if 'prompt' in rows[i]:
-          line['prompt'] = rows[i]['prompt']
-        out.write(json.dumps(line) + '\n')
-      out.flush()
-      done = min(start + c.batch_size, len(jobs))
-      print(f'[{done}/{len(jobs)}] {sum(r["new_tokens"] for r in results)}'
-            f' tokens in {seconds:.2f}s', file=sys.stderr, flush=True)
+        lines.append(json.dumps(line_for(i, s, r, rows, tok, seconds, verified, part_ms)))
+      if out is not None:
+        out.write(lines)
+      done_n = kept + min(start + c.batch_size, len(todo))
+      if runs.is_writer():
+        print(f'[{done_n}/{len(jobs)}] {sum(r["new_tokens"] for r in results)}'
+              f' tokens in {seconds:.2f}s', file=sys.stderr, flush=True)
+  finally:
+    if out is not None:
+      out.close()
+  compile_seconds = run_.compile_seconds
   return {
-      'model': c.model, 'drafter': resolve_drafter(c), 'output': str(out_path),
+      'model': c.model, 'drafter': resolve_drafter(c), 'output': str(c.output),
       'prompts': len(prompts), 'samples': len(jobs), 'batch_size': c.batch_size,
+      'resumed': kept, 'generated': len(todo), 'processes': jax.process_count(),
       'new_tokens': new_tokens, 'target_calls': target_calls, 'draft_calls': draft_calls,
       'mean_accepted_per_call': round(new_tokens / max(target_calls, 1), 4),
       'draft_len': k,
@@ -269,6 +305,7 @@ def run(c) -> dict:
       'generate_seconds': round(gen_seconds, 3),
       'compile_seconds': round(compile_seconds, 3), 'load_seconds': round(load_seconds, 3),
       'cache_size': cache_size,
+      'param_dtype': cfg.param_dtype, 'dtype': cfg.dtype, 'precision': target.precision,
       # Draft vs verify: each half timed alone (median of 5) on the first
       # batch's state, times the rounds that verified (the others were plain
       # AR steps: the drafter abstained); null for plain AR or pmap/mesh.

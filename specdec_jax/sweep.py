@@ -26,7 +26,11 @@ The output folder gets:
                temperature, and vs batch size / drafter size when swept
   config.json  the config that made it
 A folder that already holds results is refused unless `overwrite` is set
-(then those files are replaced, never mixed).
+(then those files are replaced, never mixed) or `resume` (config.json must
+match; the points complete in raw.jsonl are kept, a torn or partial point is
+dropped, and the sweep goes on from there). raw.jsonl is synced point by
+point. Multi-host: started the same way on every process (runs.py), process
+0 runs the sweep on its first device and writes; the others wait for it.
 
 Drafter entries: `ngram`; `draft_model` (a random 2-layer Gemma with the
 target's vocabulary: a cost floor), `draft_model:N` (N layers),
@@ -49,7 +53,7 @@ import numpy as np
 
 from specdec_jax import drafters as drafters_lib
 from specdec_jax import generate as gen_lib
-from specdec_jax import quality
+from specdec_jax import outputs, precision, quality, runs
 from specdec_jax.measure import fit_alpha, median_seconds, predicted_speedup
 from specdec_jax.errors import UserError
 from specdec_jax.targets import check_model_name, load_target
@@ -82,6 +86,7 @@ def parse_list(value, cast, name):
 def parse(c):
   """The sweep's axes from the config, validated (nothing loaded yet)."""
   check_model_name(c.model)
+  precision.resolve(c.param_dtype, c.dtype)
   ax = dict(
       domains=parse_list(c.domains, str, 'domains'),
       drafters=parse_list(c.drafters, str, 'drafters'),
@@ -123,27 +128,78 @@ def parse(c):
   if c.max_prompt_len < 0 or not 1 <= c.min_ngram <= c.max_ngram:
     raise UserError('max_prompt_len must be >= 0 (0 = whole prompts) and '
                     '1 <= min_ngram <= max_ngram')
+  if c.gguf and not pathlib.Path(c.gguf).is_file():
+    raise UserError(f'GGUF file not found: {c.gguf}')
+  context = runs.known_context(c.model, c.gguf)
+  margin = max(ax['draft_lens']) + 1
+  if context and 1 + c.max_new_tokens + margin > context:
+    raise UserError(f'max_new_tokens={c.max_new_tokens} + the largest draft_len + 1 = {margin} '
+                    f'leave no room for a prompt in the model context {context}')
   if not c.output:
     raise UserError('output must name a results folder')
   out = pathlib.Path(c.output)
   if out.exists() and not out.is_dir():
     raise UserError(f'output {out} exists and is not a folder')
-  if not c.overwrite and out.is_dir() and any((out / a).exists() for a in ARTEFACTS):
-    raise UserError(f'output folder {out} already holds results; choose another output or '
-                    'set --config.overwrite=True to replace them')
+  outputs.check_resume_flags(c)
+  resume = c.get('resume', False)
+  held = out.is_dir() and any((out / a).exists() for a in ARTEFACTS)
+  if held and not c.overwrite and not resume:
+    raise UserError(f'output folder {out} already holds results; choose another output, '
+                    'set --config.resume=true to continue them or --config.overwrite=true '
+                    'to replace them')
+  if held and resume and (out / 'raw.jsonl').exists():
+    try:
+      stored = json.loads((out / 'config.json').read_text())
+    except (OSError, ValueError):
+      raise UserError(f'cannot resume {out}: its config.json is missing or unreadable; '
+                      'set --config.overwrite=true to replace the results') from None
+    diff = outputs.differences(_settings(stored), _settings(_config_json(c)))
+    if diff:
+      raise UserError(f'cannot resume {out}: it was made with another config '
+                      f'({"; ".join(diff)}); use it, another output, or --config.overwrite=true')
+  outputs.check_writable_dir(out, f'output {out}')
   ax['prompt_dir'] = prompt_dir
   return ax
 
 
-def _prepare_output(c) -> pathlib.Path:
+# Keys that say how or where a sweep runs, not what it measures.
+_OPERATIONAL = ('output', 'overwrite', 'resume', 'coordinator_address', 'num_processes',
+                'process_id', 'coordinator_timeout')
+
+
+def _config_json(c) -> dict:
+  d = json.loads(json.dumps(c.to_dict(), default=str))
+  d['resolved_param_dtype'] = precision.resolve(c.param_dtype, c.dtype)[0]
+  return d
+
+
+def _settings(config: dict) -> dict:
+  return {k: v for k, v in config.items() if k not in _OPERATIONAL}
+
+
+def _prepare_output(c, expected) -> tuple:
+  """(folder, {point: rows} kept from an interrupted run). `expected`: the
+  prompt count per domain; a point with fewer rows (killed while writing)
+  is dropped with any torn line, and raw.jsonl rewritten without them."""
   out = pathlib.Path(c.output)
   out.mkdir(parents=True, exist_ok=True)
-  for name in ARTEFACTS:
-    (out / name).unlink(missing_ok=True)
+  raw = out / 'raw.jsonl'
+  kept = collections.OrderedDict()
+  if c.get('resume', False) and raw.exists():
+    rows, _ = outputs.read_complete_lines(raw)
+    for r in rows:
+      kept.setdefault(tuple(r[k] for k in POINT_KEYS), []).append(r)
+    kept = collections.OrderedDict(
+        (k, v) for k, v in kept.items()
+        if sorted(r['prompt_index'] for r in v) == list(range(expected[k[1]])))
+    outputs.write_atomic(raw, ''.join(json.dumps(r) + '\n' for v in kept.values() for r in v))
+  else:
+    for name in ARTEFACTS:
+      (out / name).unlink(missing_ok=True)
   for png in out.glob('*.png'):
     png.unlink()
-  (out / 'config.json').write_text(json.dumps(c.to_dict(), indent=1, default=str) + '\n')
-  return out
+  outputs.write_atomic(out / 'config.json', json.dumps(_config_json(c), indent=1) + '\n')
+  return out, kept
 
 
 def load_prompts(prompt_dir, domain, tok, n, max_len):
@@ -173,7 +229,7 @@ def build_drafter(entry, k, target, c):
   kind, _, arg = entry.partition(':')
   try:
     d = api.load_drafter(target, kind, draft_len=k, max_ngram=c.max_ngram,
-                         min_ngram=c.min_ngram, dtype=c.dtype,
+                         min_ngram=c.min_ngram,
                          seed=c.seed, num_layers=int(arg) if arg.isdigit() else 2,
                          checkpoint='target' if arg == 'target' else
                          ('' if kind == 'draft_model' else arg))
@@ -185,62 +241,72 @@ def build_drafter(entry, k, target, c):
 # ----------------------------------------------------------------------------- timing
 
 class Runner:
-  """Compiles each (drafter, k, greedy, batch) once and runs batches of a domain."""
+  """One runs.Run per (drafter, k, greedy, batch size): compiled once, shared by
+  the domains and temperatures (temperature is an array)."""
 
-  def __init__(self, target, cache_size, bucket_len, max_new, repeats):
+  def __init__(self, target, longest, bucket_len, max_new, max_k, repeats):
     self.target = target
-    self.cache_size, self.bucket_len, self.max_new = cache_size, bucket_len, max_new
+    self.longest, self.bucket_len, self.max_new, self.max_k = longest, bucket_len, max_new, max_k
     self.repeats = repeats
     self.programs = {}
-    self.compile_seconds = {}
 
-  def program(self, key, gen, dparams, batch):
+  def program(self, key, drafter, dparams, batch_size, greedy) -> runs.Run:
     if key not in self.programs:
-      p = self.target.params
-      t = time.perf_counter()
-      pre = gen.prefill.lower(gen, p, batch, dparams).compile()
-      dec = gen.decode.lower(gen, p, jax.eval_shape(lambda: pre(p, batch, dparams)),
-                             dparams).compile()
-      self.programs[key] = (pre, dec)
-      self.compile_seconds[key] = time.perf_counter() - t
+      self.programs[key] = runs.Run.build(
+          self.target, drafter, dparams, longest_prompt=self.longest,
+          max_new_tokens=self.max_new, batch_size=batch_size, temperature=0.0 if greedy else 1.0,
+          draft_len=self.max_k)            # one cache size for every point
     return self.programs[key]
 
-  def batches(self, prompts, batch_size, temperature, seed):
+  def run(self, key, drafter, dparams, prompts, batch_size, temperature, seed):
+    """-> (rows: per prompt dict, last state, the Run)."""
+    run = self.program(key, drafter, dparams, batch_size, temperature == 0)
+    rows, state = [], None
     for b, s in enumerate(range(0, len(prompts), batch_size)):
       idx = list(range(s, min(s + batch_size, len(prompts))))
-      keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(np.array(idx))
-      yield b, idx, gen_lib.make_batch(
-          [prompts[i] for i in idx], batch_size=batch_size, bucket_len=self.bucket_len,
-          max_new_tokens=self.max_new, keys=keys, temperature=temperature)
-
-  def run(self, key, gen, dparams, prompts, batch_size, temperature, seed):
-    """-> (rows: per prompt dict, last state)."""
-    p = self.target.params
-    rows, state = [], None
-    for b, idx, batch in self.batches(prompts, batch_size, temperature, seed):
-      pre, dec = self.program(key, gen, dparams, batch)
+      batch = run.batch([prompts[i] for i in idx], runs.row_keys(seed, idx),
+                        bucket_len=self.bucket_len, temperature=temperature)
       times = []
       for _ in range(self.repeats):
-        t = time.perf_counter()
-        state = jax.block_until_ready(dec(p, pre(p, batch, dparams), dparams))
-        times.append(time.perf_counter() - t)
+        state, seconds = run(batch)
+        times.append(seconds)
       seconds = statistics.median(times)
-      for i, r in zip(idx, gen_lib.completions(state, gen.config.eos_id)):
-        ids = r['completion_ids'] + ([gen.config.eos_id] if r['finish_reason'] == 'eos' else [])
+      for i, r in zip(idx, run.completions(state)):
+        ids = r['completion_ids'] + ([run.gen.config.eos_id] if r['finish_reason'] == 'eos' else [])
         rows.append(dict(prompt_index=i, batch=b, batch_seconds=seconds,
                          prompt_ids=r['prompt_ids'], completion_ids=ids,
                          finish_reason=r['finish_reason'], new_tokens=r['new_tokens'],
                          target_calls=r['target_calls'], draft_calls=r['draft_calls'],
                          accepted_by_position=r['accepted_by_position']))
-    return rows, state
+    return rows, state, run
 
 
 # ----------------------------------------------------------------------------- the sweep
 
 def run(c) -> dict:
+  runs.init_distributed(c)           # before anything touches the backend
+  if jax.process_count() == 1:
+    return _run(c)
+  # Several processes: process 0 runs the sweep on its first device; the
+  # others wait for its outcome (a failure there fails them too).
+  failed = 1
+  try:
+    if runs.is_writer():
+      summary = _run(c)
+      failed = 0
+      return summary
+  finally:
+    failed = int(runs.broadcast([failed])[0])
+  if failed:
+    raise UserError('process 0 stopped the sweep; its error line says why')
+  return dict(output=str(c.output), process=jax.process_index(), ran_on='process 0')
+
+
+def _run(c) -> dict:
   ax = parse(c)
   t_start = time.perf_counter()
-  target = load_target(c.model, gguf=c.gguf, dtype=c.dtype, seed=c.seed)
+  target = load_target(c.model, gguf=c.gguf, param_dtype=c.param_dtype, dtype=c.dtype,
+                       seed=c.seed)
   cfg, tok = target.config, target.tokenizer
   prompts = {d: load_prompts(ax['prompt_dir'], d, tok, c.prompts_per_domain, c.max_prompt_len)
              for d in ax['domains']}
@@ -249,11 +315,12 @@ def run(c) -> dict:
     if bad:
       raise UserError(f'domain {d}: token id {bad[0]} outside the vocabulary')
   max_k = max(ax['draft_lens'])
-  bucket_len = gen_lib.bucket(max(len(p) for ps in prompts.values() for p in ps))
-  cache_size = -(-(bucket_len + c.max_new_tokens + max_k + 1) // 128) * 128
-  if cache_size > cfg.max_context + max_k + 1:
-    raise UserError(f'prompts + max_new_tokens + draft_len need a cache of {cache_size} '
-                    f'> the model context {cfg.max_context}; set max_prompt_len')
+  longest = max(len(p) for ps in prompts.values() for p in ps)
+  bucket_len = gen_lib.bucket(longest)
+  try:
+    runs.cache_size(longest, c.max_new_tokens, max_k, cfg.max_context)
+  except UserError as e:
+    raise UserError(f'{e} (max_prompt_len shortens them)') from None
   # Every entry must load before the first measurement. A k beyond what a
   # drafter can draft (more than a heads drafter's heads) is skipped, and said.
   skipped = []
@@ -264,81 +331,105 @@ def run(c) -> dict:
       if limit is not None and k > limit:
         skipped.append((entry, k))
         print(f'skipping {entry} at k={k}: it has {limit} heads', file=sys.stderr)
-  out = _prepare_output(c)
+  out, kept = _prepare_output(c, {d: len(ps) for d, ps in prompts.items()})
 
-  runner = Runner(target, cache_size, bucket_len, c.max_new_tokens, c.repeats)
+  runner = Runner(target, longest, bucket_len, c.max_new_tokens, max_k, c.repeats)
   scorer = quality.Scorer(cfg, target.params, length=bucket_len + c.max_new_tokens,
                           new=c.max_new_tokens, seed=c.seed)
   n_points = (len(ax['batch_sizes']) * len(ax['temperatures']) * len(ax['domains'])
               * (1 + len(ax['drafters']) * len(ax['draft_lens']) - len(skipped)))
   costs = {}             # (entry, k, greedy, B) -> (draft ms, verify ms) per round
   ar_ms = {}             # B -> ms per AR step
-  done = [0]
+  done = [len(kept)]
   t_points = time.perf_counter()
+  if kept:
+    print(f'resuming: {len(kept)}/{n_points} points already in {out / "raw.jsonl"}',
+          file=sys.stderr, flush=True)
 
   def record(rows, point, ar_rows, greedy, temperature, extra):
     scores = scorer([r['prompt_ids'] for r in rows], [r['completion_ids'] for r in rows],
                     temperature=temperature)
     ar_by_prompt = {r['prompt_index']: r['completion_ids'] for r in ar_rows or []}
+    lines = []
+    for r, (logp, pit) in zip(rows, scores):
+      lines.append(json.dumps(dict(
+          point, **r, logprob_sum=round(float(np.sum(logp)), 5),
+          identical_to_ar=(r['completion_ids'] == ar_by_prompt[r['prompt_index']]
+                           if greedy and ar_rows else None),
+          pit=None if greedy else [round(x, 5) for x in pit], **extra)))
     with (out / 'raw.jsonl').open('a', encoding='utf-8') as f:
-      for r, (logp, pit) in zip(rows, scores):
-        line = dict(point, **r, logprob_sum=round(float(np.sum(logp)), 5),
-                    identical_to_ar=(r['completion_ids'] == ar_by_prompt[r['prompt_index']]
-                                     if greedy and ar_rows else None),
-                    pit=None if greedy else [round(x, 5) for x in pit], **extra)
-        f.write(json.dumps(line) + '\n')
+      outputs.fsync_append(f, lines)         # a point reaches the disk whole or is redone
     done[0] += 1
     tok_s = sum(r['new_tokens'] for r in rows) / _batch_seconds(rows)
-    eta = (time.perf_counter() - t_points) / done[0] * (n_points - done[0])
+    eta = (time.perf_counter() - t_points) / (done[0] - len(kept)) * (n_points - done[0])
     print(f'[{done[0]}/{n_points}] {point["domain"]} {point["drafter"]} k={point["draft_len"]} '
           f'T={point["temperature"]} B={point["batch_size"]}: {tok_s:.2f} tok/s, '
           f'ETA {eta / 60:.1f} min', file=sys.stderr, flush=True)
 
+  def previous(point):
+    """The rows of a point an interrupted run completed, or None."""
+    return kept.get(tuple(point[k] for k in POINT_KEYS))
+
   for B in ax['batch_sizes']:
     for T in ax['temperatures']:
       greedy = T == 0
-      ar_gen = gen_lib.Generator(cfg, cache_size=cache_size, greedy=greedy)
       ar_rows = {}
       for d in ax['domains']:
-        rows, state = runner.run(('none', 0, greedy, B), ar_gen, None, prompts[d], B, T, c.seed)
+        point = _point(d, 'none', 'none', 0, T, B)
+        rows = previous(point)
+        if rows:                  # the costs measured then serve the points to come
+          ar_ms.setdefault(B, rows[0]['ar_ms_per_step'])
+          ar_rows[d] = rows
+          continue
+        rows, state, run = runner.run(('none', 0, greedy, B), None, None, prompts[d], B, T,
+                                      c.seed)
         if B not in ar_ms:        # one target call on the pending token = an AR step
           zero = jnp.zeros((B, 0), jnp.int32)
           ar_ms[B] = 1e3 * median_seconds(
-              lambda: ar_gen.verify_part(target.params, state, zero), repeats=5)
+              lambda: run.gen.verify_part(target.params, state, zero), repeats=5)
         ar_rows[d] = rows
-        record(rows, _point(d, 'none', 'none', 0, T, B), None, greedy, T,
+        record(rows, point, None, greedy, T,
                dict(ar_ms_per_step=ar_ms[B], draft_ms_per_round=None, verify_ms_per_round=None,
-                    drafter_params=0,
-                    compile_seconds=runner.compile_seconds[('none', 0, greedy, B)]))
+                    drafter_params=0, compile_seconds=run.compile_seconds))
       for entry in ax['drafters']:
         for k in ax['draft_lens']:
           if (entry, k) in skipped:
             continue
-          drafter, dparams, n_params = build_drafter(entry, k, target, c)
-          gen = gen_lib.Generator(cfg, cache_size=cache_size, greedy=greedy, drafter=drafter)
           key = (entry, k, greedy, B)
-          for d in ax['domains']:
-            rows, state = runner.run(key, gen, dparams, prompts[d], B, T, c.seed)
+          points = [_point(d, entry, entry.partition(':')[0], k, T, B) for d in ax['domains']]
+          for point in points:
+            rows = previous(point)
+            if rows:
+              costs.setdefault(key, (rows[0]['draft_ms_per_round'],
+                                     rows[0]['verify_ms_per_round']))
+          if all(previous(p) for p in points):
+            continue
+          drafter, dparams, n_params = build_drafter(entry, k, target, c)
+          for d, point in zip(ax['domains'], points):
+            if previous(point):
+              continue
+            rows, state, run = runner.run(key, drafter, dparams, prompts[d], B, T, c.seed)
             if key not in costs:
+              gen = run.gen
               drafts = gen.draft_part(target.params, state, dparams)
               # Verify on a drafter-free generator and state: one compile per (k, B).
-              verifier = gen_lib.Generator(cfg, cache_size=cache_size)
+              verifier = gen_lib.Generator(cfg, cache_size=run.cache_size)
               bare = state.replace(drafter_state=None, accepted=state.accepted[:, :0])
               costs[key] = tuple(1e3 * median_seconds(fn, repeats=5) for fn in (
                   lambda: gen.draft_part(target.params, state, dparams),
                   lambda: verifier.verify_part(target.params, bare, drafts)))
-            record(rows, _point(d, entry, entry.partition(':')[0], k, T, B), ar_rows[d],
+            record(rows, point, ar_rows[d],
                    greedy, T, dict(ar_ms_per_step=ar_ms[B], draft_ms_per_round=costs[key][0],
                                    verify_ms_per_round=costs[key][1], drafter_params=n_params,
-                                   compile_seconds=runner.compile_seconds[key]))
+                                   compile_seconds=run.compile_seconds))
 
   raw = [json.loads(l) for l in (out / 'raw.jsonl').read_text().splitlines()]
   table = aggregate(raw)
   write_csv(table, out / 'results.csv')
   (out / 'results.md').write_text(markdown(table, c) + '\n')
   plots = write_plots(table, out)
-  return dict(output=str(out), points=len(table), rows=len(raw),
-              compiles=len(runner.programs), plots=[p.name for p in plots],
+  return dict(output=str(out), points=len(table), rows=len(raw), resumed_points=len(kept),
+              precision=target.precision, compiles=len(runner.programs), plots=[p.name for p in plots],
               skipped=[f'{e} k={k}' for e, k in skipped],
               seconds=round(time.perf_counter() - t_start, 1),
               greedy_identical=_fraction([r['identical_to_ar'] for r in raw

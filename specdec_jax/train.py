@@ -405,6 +405,26 @@ def validate(c) -> None:
     raise UserError('workdir must name a folder (checkpoints and logs go there)')
   if not c.data:
     raise UserError('data must list at least one file glob')
+  for key in ('feature_batch_size', 'eval_rows', 'log_every'):
+    if c[key] < 1:
+      raise UserError(f'{key} must be >= 1, got {c[key]}')
+  if c.warmup_steps < 0 or c.stop_at_step < 0:
+    raise UserError('warmup_steps and stop_at_step must be >= 0 '
+                    f'(got {c.warmup_steps} and {c.stop_at_step})')
+  if c.export_dtype not in ('float32', 'float16', 'bfloat16'):
+    raise UserError(f'export_dtype must be float32, float16 or bfloat16, got {c.export_dtype!r}')
+  if c.gguf and not os.path.isfile(c.gguf):
+    raise UserError(f'GGUF file not found: {c.gguf}')
+  from specdec_jax import outputs, runs
+  context = runs.known_context(c.model, c.gguf)
+  if context and c.seq_len > context:
+    raise UserError(f'seq_len={c.seq_len} exceeds the model context {context}')
+  # Both folders are written after minutes of work: prove they can be first.
+  outputs.check_writable_dir(pathlib.Path(c.workdir), f'workdir {c.workdir}')
+  if c.output:
+    outputs.check_writable_dir(pathlib.Path(c.output).parent, f'output {c.output}')
+  from specdec_jax import precision
+  precision.resolve(c.param_dtype, c.dtype)
 
 
 def _features_key(c, target, files, kv_layers) -> str:
@@ -444,8 +464,10 @@ def run(c) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   log = Logger(workdir)
   t_start = time.time()
-  target = load_target(c.model, gguf=c.gguf, dtype=c.dtype, seed=c.target_seed)
-  dcfg = drafter_config_from(c, target.config)
+  target = load_target(c.model, gguf=c.gguf, param_dtype=c.param_dtype, dtype=c.dtype,
+                       seed=c.target_seed)
+  # The drafter trains in float32 whatever the target's weights (optax state, export).
+  dcfg = drafter_config_from(c, target.config.replace(param_dtype='float32'))
   kv_layers = feature_kv_layers(target.config)
   feat_root = default_cache_root() / 'features' / _features_key(c, target, files, kv_layers)
   log(f'data: {len(files)} files; target features in {feat_root}')
