@@ -67,8 +67,9 @@ def apply_rope(x, positions, base, scale=1.0):
 
 
 def _pad_rows() -> bool:
-  """XLA:CPU multiplies a single row by bf16 weights ~7x slower than two rows
-  (DESIGN.md section 6): on CPU one-row products run as two."""
+  """XLA:CPU multiplies a single row by bf16 weights 7-10x slower than two
+  rows (the LM head: ~450 vs ~25-50 ms here; DESIGN.md section 6 on Intel):
+  on CPU one-row products run as two."""
   return jax.default_backend() == 'cpu'
 
 
@@ -83,8 +84,10 @@ def matmul(xr, w):
 
   Reduced-precision weights (bfloat16): both operands in bf16, products
   accumulated in float32 (`preferred_element_type`), the result cast back to
-  the activation dtype. Here x @ w^T is the faster order (python -m
-  experiments.bench_ar prints both forms per row count).
+  the activation dtype. The LM head on this CPU (AMD EPYC with AVX512_BF16),
+  forms timed in turn: 1 / 2 / 5 / 9 rows float32 25 / 47 / 57 / 68 ms, bf16
+  23 / 23 / 28 / 32 ms; both operand orders alike (python -m
+  experiments.bench_ar prints `lm_head_ms_by_rows`).
   """
   if w.dtype == jnp.float32:
     return jnp.einsum('OI,RI->OR', w.astype(xr.dtype), xr).T                # [R, O]
@@ -138,9 +141,10 @@ def attend(q, keys, values, q_pos, key_pos, window: Optional[int], strict: bool 
   [B, T, N * H]; a query that sees no key reads zeros.
 
   Written as two `lax.dot_general`s batched over (B, K) with the G * T query
-  rows of each kv head stacked: XLA:CPU runs that form ~5x faster than the
+  rows of each kv head stacked: XLA:CPU runs that form 2-5x faster than the
   five-letter einsums over [B, K, G, T, S] at batch 8 x 2048 slots (one
-  layer 19 ms -> 4 ms; `python -m experiments.bench_ar` prints both forms).
+  layer 6.5-19 ms -> 3.3-4 ms over runs; `python -m experiments.bench_ar`
+  prints both forms).
   """
   B, T, N, H = q.shape
   K = keys.shape[1]
