@@ -45,6 +45,7 @@ def write_atomic(path: pathlib.Path, text: str) -> None:
   """Replaces `path` by `text` all at once (a temporary file, fsync, rename)."""
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
   try:
+    os.fchmod(fd, 0o644)                 # mkstemp's 0600 would hide results from others
     with os.fdopen(fd, 'w', encoding='utf-8') as f:
       f.write(text)
       f.flush()

@@ -67,13 +67,15 @@ def make_runner(gen, params, drafter_params, *, mode: str, num_devices: int,
                 batch_size: int) -> Runner:
   devices = _devices(num_devices)
   n = len(devices)
-  if jax.process_count() > 1:        # one program over every process's devices
-    if mode not in ('auto', 'mesh'):
-      raise UserError(f'parallel={mode} runs on one process; with '
+  if jax.process_count() > 1:
+    # auto: one program over every process's devices; none: each process
+    # runs everything on its first device (the sweep's process 0 does).
+    if mode == 'pmap':
+      raise UserError(f'parallel=pmap maps over one process\'s devices; with '
                       f'{jax.process_count()} processes use parallel=mesh (or auto)')
-    if n != len(jax.devices()):
+    mode = 'mesh' if mode == 'auto' else mode
+    if mode == 'mesh' and n != len(jax.devices()):
       raise UserError('num_devices must be 0 (every device) with several processes')
-    mode = 'mesh'
   if mode == 'auto':
     mode = 'pmap' if n > 1 and batch_size % n == 0 else 'none'
   if mode == 'none':

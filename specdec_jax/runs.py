@@ -309,7 +309,7 @@ def local(state):
                 draft_calls=state.draft_calls, accepted=state.accepted, step=state.step,
                 verify_rounds=state.verify_rounds)
   batch = dict(prompt_lengths=state.batch.prompt_lengths, active=state.batch.active)
-  if jax.process_count() > 1:
+  if not state.tokens.is_fully_addressable:   # a mesh over several processes
     from jax.experimental import multihost_utils
     fields, batch = multihost_utils.process_allgather((fields, batch), tiled=True)
   else:
