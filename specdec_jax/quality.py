@@ -20,6 +20,7 @@ that need only the target:
   one-hot p and no information in u; for greedy runs compare tokens.
 """
 import functools
+import hashlib
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +74,7 @@ class Scorer:
                seed: int = 0):
     self.config, self.params = config, params
     self.length, self.new, self.chunk = length, new, chunk
-    self.rng = np.random.default_rng(seed)
+    self.seed = seed
     self.cache = {}             # a completion seen before (greedy reruns) is not rescored
 
   def __call__(self, prompts, completions, *, temperature, top_k=0, top_p=1.0):
@@ -81,11 +82,19 @@ class Scorer:
     keys = [(tuple(p), tuple(c), temperature, top_k, top_p) for p, c in zip(prompts, completions)]
     todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
     for key, got in zip(todo, self._score([k[0] for k in todo], [k[1] for k in todo],
-                                          temperature, top_k, top_p)):
+                                          temperature, top_k, top_p,
+                                          [self._uniforms(k) for k in todo])):
       self.cache[key] = got
     return [self.cache[k] for k in keys]
 
-  def _score(self, prompts, completions, temperature, top_k, top_p):
+  def _uniforms(self, key):
+    """The PIT's randomization for one row: a function of the row and the
+    seed, not of what was scored before (a resumed sweep scores fewer rows)."""
+    digest = hashlib.sha256(repr(key).encode()).digest()
+    return np.random.default_rng([self.seed, int.from_bytes(digest[:8], 'little')]).random(
+        self.new, dtype=np.float32)
+
+  def _score(self, prompts, completions, temperature, top_k, top_p, uniforms):
     out = []
     for s in range(0, len(prompts), self.chunk):
       ps, cs = prompts[s:s + self.chunk], completions[s:s + self.chunk]
@@ -100,7 +109,7 @@ class Scorer:
                            f'({self.length}, {self.new} new)')
         tokens[i, :len(p) + len(c)] = list(p) + list(c)
         starts[i], ends[i] = len(p), len(p) + len(c)
-      u = self.rng.random((self.chunk, self.new), dtype=np.float32)
+      u = np.stack([uniforms[s + i] if i < n else uniforms[s] for i in range(self.chunk)])
       full = lambda v, dt: np.full((self.chunk,), v, dt)
       logp, pit, mask = jax.device_get(score(
           self.config, self.params, tokens, starts, ends, u, full(temperature, np.float32),
