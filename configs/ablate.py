@@ -13,7 +13,7 @@ position, the Leviathan prediction from the measured α, c and v, and the
 quality columns: greedy outputs identical to AR, the PIT p-value of sampled
 tokens, the target's log-likelihood next to AR's) and PNG plots, and prints
 a JSON summary as its last line. An existing results folder is refused unless
-`--config.overwrite=True`. Any list can be overridden as a comma string:
+`--config.overwrite=True` (replace) or `--config.resume=True` (continue). Any list can be overridden as a comma string:
 `--config.draft_lens=2,4 --config.drafters=ngram,mtp`.
 
 Variants:
@@ -45,7 +45,13 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.param_dtype = 'auto'              # weights: auto | bfloat16 | float32 (exact; parity)
   c.dtype = 'float32'                 # activations: float32 | bfloat16 (TPU/GPU only)
   c.output = 'outputs/ablate'
-  c.overwrite = False
+  c.overwrite = False                 # replace the results in output
+  c.resume = False                    # keep the points complete in output/raw.jsonl, run the rest
+  # Several processes ('' / 0 / -1 = the JAX_* variables): process 0 runs and writes.
+  c.coordinator_address = ''
+  c.num_processes = 0
+  c.process_id = -1
+  c.coordinator_timeout = 300
   c.prompt_dir = ''                   # '' = experiments/prompts/<domain>.jsonl
   c.domains = 'code,prose,chat'
   c.prompts_per_domain = 16

@@ -9,7 +9,8 @@
 Writes `output` (one JSON line per prompt and sample) and prints a JSON
 summary as the last stdout line. On this 2-core CPU the demo takes ~1 min
 (~25 s load + compile) at ~15 tok/s; `model=tiny` runs a random tiny model
-with a byte tokenizer in seconds (for tests).
+with a byte tokenizer in seconds (for tests). An existing output is refused
+unless `--config.resume=true` (continue it) or `--config.overwrite=true`.
 """
 import ml_collections
 
@@ -42,4 +43,13 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.draft_vocab_size = 0      # draft_model=tiny: 0 = the target's (must match)
   c.parallel = 'auto'         # auto | none | pmap | mesh
   c.num_devices = 0           # 0 = all local devices
+  # An existing output is refused unless one of these is set (README: Long runs).
+  c.resume = False            # keep its complete lines, generate the missing (index, sample) pairs
+  c.overwrite = False         # replace it
+  # Several processes / hosts ('' / 0 / -1 = JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+  # JAX_PROCESS_ID; none set = one process). Process 0 writes.
+  c.coordinator_address = ''  # host:port of process 0
+  c.num_processes = 0
+  c.process_id = -1
+  c.coordinator_timeout = 300 # seconds to wait for every process
   return c
