@@ -79,17 +79,18 @@ def validate(c) -> None:
   if c.gguf and not os.path.isfile(c.gguf):
     raise UserError(f'GGUF file not found: {c.gguf}')
   if c.drafter_checkpoint and not os.path.isfile(os.path.join(c.drafter_checkpoint, 'drafter.json')):
-    raise UserError(f'drafter_checkpoint {c.drafter_checkpoint} is not a drafter folder '
-                    '(no drafter.json)')
+    raise UserError(f'drafter_checkpoint {c.drafter_checkpoint}: drafter.json is missing '
+                    '(not a drafter folder)')
   outputs.check_resume_flags(c)
   # Sizes the model's context rules out, before it loads (the prompts'
   # lengths are checked once tokenized, still before any cache exists).
   context = runs.known_context(c.model, c.gguf)
   k = c.draft_len + 1 if resolve_drafter(c) != 'none' else 0
   if context and 1 + c.max_new_tokens + k > context:
-    raise UserError(f'max_new_tokens={c.max_new_tokens}' + (f' + draft_len + 1 = {k}' if k else '')
-                    + f' leaves no room for a prompt in the model context {context}; lower '
-                    + ('them' if k else 'it'))
+    raise UserError(f'1 prompt token + max_new_tokens={c.max_new_tokens}'
+                    + (f' + draft_len + 1 = {k}' if k else '')
+                    + f' need a cache larger than the model context {context} (every slot '
+                    'is a position); lower ' + ('them' if k else 'it'))
   if c.cache_size and context and c.cache_size > context:
     raise UserError(f'cache_size={c.cache_size} exceeds the model context {context}')
 
