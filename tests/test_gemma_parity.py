@@ -92,5 +92,7 @@ def test_bf16_weights_agree_with_float32(gemma):
     same += int((a.argmax(-1) == b.argmax(-1)).sum())
     total += a.shape[0]
     worst = max(worst, float(np.abs(a - b).max()))
+  print(f'bf16 vs float32 weights: argmax equal at {same} / {total} positions, '
+        f'max |logit diff| {worst:.3f}')      # pytest -s shows it (the README quotes it)
   assert same / total >= 0.99, (same, total, worst)
   assert 0 < worst < 1.0, worst      # > 0: the bf16 path really ran
