@@ -206,6 +206,8 @@ def outer(argv):
   import numpy as np
   flags.DEFINE_string('output', 'outputs/hf_quick', 'Results folder.')
   flags.DEFINE_bool('overwrite', False, 'Replace results already in the folder.')
+  flags.DEFINE_bool('rescore', False, 'Score the peer rows an earlier run kept in '
+                    '<output>/peer_rows.json instead of running the peers again.')
   flags.DEFINE_string('venv', os.environ.get('HF_BENCH_VENV', '/tmp/specdec_hf_venv'),
                       'The throwaway HF environment.')
   flags.DEFINE_string('domains', 'code,prose,chat', 'Prompt sets.')
@@ -258,15 +260,22 @@ def outer(argv):
     print('building llama-cpp-python in the venv (~20 min)', file=sys.stderr)
     subprocess.run([str(py), '-m', 'pip', 'install', '-q', 'llama-cpp-python'], check=True)
   systems = ['hf'] + (['llama.cpp'] if FLAGS.llama_cpp else [])
-  with tempfile.TemporaryDirectory() as tmp:
-    job = pathlib.Path(tmp) / 'job.json'
-    job.write_text(json.dumps(dict(gguf=str(assemble()), prompts=prompts, temperatures=temps,
-                                   draft_lens=ks, max_new_tokens=FLAGS.max_new_tokens,
-                                   seed=FLAGS.seed)))
-    peer_rows, meta, crashed = run_systems(py, systems, job, tmp)
-  hf = dict(meta, rows=peer_rows, crashed=crashed)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / 'peer_rows.json').write_text(json.dumps(hf))     # kept even if scoring fails
+  kept = out / 'peer_rows.json'
+  if FLAGS.rescore:
+    if not kept.is_file():
+      sys.exit(f'error: --rescore needs {kept} from an earlier run')
+    hf = json.loads(kept.read_text())
+  else:
+    with tempfile.TemporaryDirectory() as tmp:
+      job = pathlib.Path(tmp) / 'job.json'
+      job.write_text(json.dumps(dict(gguf=str(assemble()), prompts=prompts, temperatures=temps,
+                                     draft_lens=ks, max_new_tokens=FLAGS.max_new_tokens,
+                                     seed=FLAGS.seed)))
+      peer_rows, meta, crashed = run_systems(py, systems, job, tmp)
+    hf = dict(meta, rows=peer_rows, crashed=crashed)
+    out.mkdir(parents=True, exist_ok=True)
+    kept.write_text(json.dumps(hf))     # kept even if scoring fails (--rescore reuses it)
+  crashed = hf['crashed']
   # A crash mid-baseline can leave prompt-lookup rows without their AR point.
   have_ar = {(r['system'], r['domain'], r['temperature']) for r in hf['rows']
              if r['draft_len'] == 0}
@@ -274,13 +283,12 @@ def outer(argv):
 
   # Our greedy AR on the same prompts, for the cross-check.
   bucket_len = gen_lib.bucket(max(len(p) for ps in prompts.values() for p in ps))
-  cache = -(-(bucket_len + FLAGS.max_new_tokens + 1) // 128) * 128
-  runner = sweep.Runner(target, cache, bucket_len, FLAGS.max_new_tokens, 1)
+  longest = max(len(p) for ps in prompts.values() for p in ps)
+  runner = sweep.Runner(target, longest, bucket_len, FLAGS.max_new_tokens, 0, 1)
   ours = {}
   if 0 in temps:
-    ar = gen_lib.Generator(cfg, cache_size=cache, greedy=True)
     for d in domains:
-      rows, _ = runner.run(('none', 0, True, 1), ar, None, prompts[d], 1, 0.0, FLAGS.seed)
+      rows, _, _ = runner.run(('none', 0, True, 1), None, None, prompts[d], 1, 0.0, FLAGS.seed)
       ours.update({(d, r['prompt_index']): r['completion_ids'] for r in rows})
 
   scorer = quality.Scorer(cfg, target.params, length=bucket_len + FLAGS.max_new_tokens,
