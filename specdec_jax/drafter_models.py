@@ -39,7 +39,7 @@ import jax.numpy as jnp
 
 from specdec_jax.config import ModelConfig
 from specdec_jax.model import (RMSNorm, apply_rope, attend, cast_params, linear, lm_head,
-                               rms_norm, window_slice)
+                               rms_norm, visible_slots)
 
 KINDS = ('mtp', 'heads')
 
@@ -123,13 +123,8 @@ class DraftAttention(nn.Module):
                     else (t.rope_base_local, 1.0))
     q = apply_rope(q, q_pos, base, rscale)
     keys, values = kv                                             # [B, K, S, H]
-    S = keys.shape[2]
     window = None if is_global else t.sliding_window
-    span = t.sliding_window + T - 1
-    if window is not None and span < S:
-      keys, values, k_pos = window_slice(keys, values, q_pos[:, 0] - window + 1, span)
-    else:
-      k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    keys, values, k_pos = visible_slots(keys, values, q_pos, window)
     q = q * jnp.asarray(t.query_pre_attn_scalar ** -0.5, q.dtype)
     out = attend(q, keys, values, q_pos, k_pos, window, strict=True)
     return linear(out, w_out)

@@ -190,7 +190,9 @@ class _Trained:
   def _inputs(self, params, target):
     t = self.config.target
     E = target.embedding
-    sub = jnp.take(E, params['vocab'], axis=0).astype(t.jnp_dtype)        # [R, D]
+    # The head's rows stay in the target's weight dtype: gathered, not converted
+    # (bf16 rows multiply as every bf16 weight does, model.matmul).
+    sub = jnp.take(E, params['vocab'], axis=0)                            # [R, D]
     scale = jnp.asarray(math.sqrt(t.embed_dim), t.jnp_dtype)
     embed = lambda tok: (jnp.take(E, tok, axis=0).astype(t.jnp_dtype) * scale)[:, None, :]
     return sub, embed

@@ -116,17 +116,21 @@ def lm_head(hidden, embedding):
   return matmul(h, embedding).reshape(*lead, embedding.shape[0]).astype(jnp.float32)
 
 
-def window_slice(keys, values, first_pos, span: int):
-  """The `span` cache slots a local layer can see, per row.
+def visible_slots(keys, values, q_pos, window: Optional[int]):
+  """The cache slots the queries of each row can see, and their positions.
 
-  keys, values [B, K, S, H]; first_pos [B]: the first slot any query of the
-  row may read. Returns (keys, values) [B, K, span, H] and their positions
-  [B, span]. The slice is clamped inside the cache, so it may start earlier
-  than `first_pos` (the mask still applies by position). Reading only the
-  window keeps a local layer's cost independent of the cache size.
+  keys, values [B, K, S, H]; q_pos [B, T] (consecutive per row). A local
+  layer (`window` set) reads only the window + T - 1 slots its queries can
+  reach, cut per row out of the cache (clamped inside it, so the cut may
+  start earlier; the mask still applies by position): its cost then does
+  not grow with the cache. Otherwise every slot. Returns (keys, values)
+  [B, K, S', H] and key positions [B, S'].
   """
-  S = keys.shape[2]
-  start = jnp.clip(first_pos, 0, S - span)
+  B, S, T = keys.shape[0], keys.shape[2], q_pos.shape[1]
+  if window is None or window + T - 1 >= S:
+    return keys, values, jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+  span = window + T - 1
+  start = jnp.clip(q_pos[:, 0] - window + 1, 0, S - span)
   cut = jax.vmap(lambda c, s0: jax.lax.dynamic_slice_in_dim(c, s0, span, axis=1))
   key_pos = start[:, None] + jnp.arange(span, dtype=jnp.int32)[None, :]
   return cut(keys, start), cut(values, start), key_pos
@@ -230,13 +234,7 @@ class Attention(nn.Module):
       keys = write(cache_kv[0], k)                               # [B, K, S, H]
       values = write(cache_kv[1], v)
       new_kv = (keys, values)
-      S = keys.shape[2]
-      span = cfg.sliding_window + T - 1
-      if window is not None and span < S:
-        # A local layer reads only the slots its window can reach.
-        keys, values, key_pos = window_slice(keys, values, positions[:, 0] - window + 1, span)
-      else:
-        key_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+      keys, values, key_pos = visible_slots(keys, values, positions, window)
     q = q * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, q.dtype)
     out = attend(q, keys, values, positions, key_pos, window)
     return linear(out, w_out), new_kv
