@@ -32,7 +32,7 @@ from flax import struct
 from specdec_jax import rejection, sampling
 from specdec_jax.config import ModelConfig
 from specdec_jax.drafters import TargetView
-from specdec_jax.model import KVCache, Transformer
+from specdec_jax.model import KVCache, build
 
 
 @struct.dataclass
@@ -83,8 +83,8 @@ class Generator:
     return 0 if self.drafter is None else self.drafter.draft_len
 
   @property
-  def model(self) -> Transformer:
-    return Transformer(self.config)
+  def model(self):
+    return build(self.config)
 
   def call_target(self, params, tokens, cache, compute_logits=True):
     return self.model.apply({'params': params}, tokens, cache,

@@ -317,6 +317,12 @@ class Transformer(nn.Module):
     return logits, hidden, cache
 
 
+def build(config) -> nn.Module:
+  """The Flax module of a target config: the Gemma 3 `Transformer` for a
+  `ModelConfig` (other architectures dispatch on their config class here)."""
+  return Transformer(config)
+
+
 def is_matrix(path: str, leaf) -> bool:
   """True for the weights that matmuls read (they take `param_dtype`); norm
   scales and integer tables stay as they are. `path` is '/'-joined names."""
