@@ -20,6 +20,7 @@ import json
 import pathlib
 from typing import Dict, List, Tuple
 
+import ml_dtypes  # noqa: F401  registers numpy's 'bfloat16', which safetensors asks for
 import numpy as np
 
 from specdec_jax.errors import UserError
