@@ -34,6 +34,12 @@ class KVCache:
 
   @classmethod
   def init(cls, config: ModelConfig, batch: int, size: int) -> 'KVCache':
+    if not isinstance(config, ModelConfig):
+      # Gemma 4 (models/gemma4.py): kv heads and head dim differ by layer
+      # type, and KV-shared layers (the last ones) keep no cache.
+      shapes = [(batch, K, size, H) for K, H in config.cache_heads]
+      zeros = lambda: tuple(jnp.zeros(s, config.jnp_dtype) for s in shapes)
+      return cls(k=zeros(), v=zeros(), lengths=jnp.zeros((batch,), jnp.int32))
     shape = (batch, config.num_kv_heads, size, config.head_dim)
     zeros = lambda: tuple(jnp.zeros(shape, config.jnp_dtype)
                           for _ in range(config.num_layers))
@@ -319,8 +325,13 @@ class Transformer(nn.Module):
 
 def build(config) -> nn.Module:
   """The Flax module of a target config: the Gemma 3 `Transformer` for a
-  `ModelConfig` (other architectures dispatch on their config class here)."""
-  return Transformer(config)
+  `ModelConfig`, `models.gemma4.Gemma4` for a `Gemma4Config`."""
+  if isinstance(config, ModelConfig):
+    return Transformer(config)
+  from specdec_jax.models import gemma4   # imports this module: import here
+  if isinstance(config, gemma4.Gemma4Config):
+    return gemma4.Gemma4(config)
+  raise TypeError(f'no model for a {type(config).__name__}')
 
 
 def is_matrix(path: str, leaf) -> bool:
