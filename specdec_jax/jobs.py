@@ -13,6 +13,9 @@ def run(config) -> dict:
   if job == 'train_drafter':
     from specdec_jax import train
     return train.run(config)
+  if job == 'distill_data':
+    from specdec_jax import distill_data
+    return distill_data.run(config)
   if job == 'sweep':
     from specdec_jax import sweep
     return sweep.run(config)

@@ -1,0 +1,61 @@
+"""Self-distilled drafter training data from Gemma 3 270M (issue #14 items 1-2).
+
+    sh tools/fetch_corpora.sh python3.11-doc git-doc      # once: prose sources
+    nohup nice -n 19 python -m experiments.run --config=configs/distill_data.py \
+        > outputs/distill/gemma3_270m/run.log 2>&1 &
+    python -m experiments.run --config=configs/distill_data.py:tiny   # tiny random target, seconds
+
+The target continues prompts cut from Python stdlib sources, the Python docs'
+reST, git's documentation and written chat openings (distill_data.CHAT_OPENINGS),
+greedy or sampled at T = 1 (`greedy_fraction`), batched, with bf16 weights
+where the CPU has them (param_dtype=auto). Its hidden states, top-16
+log-probs and the KV of the layers the drafter reads are recorded while it
+generates, into append-only shards under `folder` (manifest.json lists them
+with sha256). Rerunning the same command resumes after the last complete
+shard, also on another machine from the folder alone; a folder written for
+another target, layout or data settings is refused. Progress (tokens so far,
+tok/s, ETA) goes to stderr and folder/log.jsonl.
+
+Evaluation prompts (HumanEval, fortunes, the Jargon File, experiments/prompts)
+are never sources (a test asserts it).
+
+Measured: see the end of this docstring (filled in from the running job).
+"""
+import ml_collections
+
+STDLIB_CODE = '{stdlib}/**/*.py'
+PYDOC_PROSE = '{corpora}/python3.11-doc/usr/share/doc/python3.11/html/_sources/**/*.rst.txt'
+GIT_DOCS = '{corpora}/git-doc/usr/share/doc/git-doc/*.txt'
+
+
+def get_config(arg: str = '') -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.job = 'distill_data'
+  c.model = 'gemma3_270m'       # the target; 'tiny' = random tiny model, byte tokenizer
+  c.gguf = ''
+  c.param_dtype = 'auto'        # bf16 weights on a CPU with AVX512_BF16
+  c.dtype = 'float32'
+  c.target_seed = 0             # model=tiny: its random weights
+  # 'weight:pattern' ({stdlib}, {corpora} as in training); 'chat' = the written openings.
+  c.data = (f'0.4:{STDLIB_CODE}', f'0.25:{PYDOC_PROSE}', f'0.1:{GIT_DOCS}', '0.25:chat')
+  c.seed = 0                    # prompt i and its sampling key are functions of (seed, i)
+  c.greedy_fraction = 0.5       # the rest sampled at `temperature`
+  c.temperature = 1.0
+  c.min_prompt_tokens = 16      # prompt length (after BOS) drawn uniformly in [min, max]
+  c.max_prompt_tokens = 63      # BOS + 63 = a 64-token bucket
+  c.max_new_tokens = 192        # cache = 64 + 192 = 256 slots
+  c.topk = 16                   # top-k log-probs per position (the KL loss); 0 = none
+  c.batch_size = 8
+  c.shard_rows = 64             # rows per shard (a multiple of batch_size)
+  c.max_prompts = 20_000        # stop after this many prompts (~3.8M generated tokens, ~17 GB)
+  c.stop_after_shards = 0       # > 0: stop after writing this many shards (tests)
+  c.folder = 'outputs/distill/gemma3_270m'
+  if arg == 'tiny':
+    c.model = 'tiny'
+    c.data = ('1:{stdlib}/json/*.py', '1:chat')
+    c.min_prompt_tokens, c.max_prompt_tokens, c.max_new_tokens = 8, 31, 32
+    c.shard_rows, c.max_prompts = 16, 64
+    c.folder = 'outputs/distill/tiny'
+  elif arg:
+    raise ValueError(f'unknown variant {arg!r} (use :tiny or nothing)')
+  return c
