@@ -45,7 +45,11 @@ def route(x, scale, w_router, per_expert_scale, top_k: int, eps: float):
   """x [R, D] -> (weights [R, k], expert ids [R, k])."""
   D = x.shape[-1]
   h = rms_norm(x, jnp.float32(1.0), eps) * scale.astype(x.dtype) * jnp.asarray(D ** -0.5, x.dtype)
-  probs = jax.nn.softmax(linear(h, w_router).astype(jnp.float32), axis=-1)   # [R, E]
+  # Scores in float32 whatever the weights' dtype: routing is discrete, and
+  # bf16-rounded inputs flip near-tied top-k choices (the [E, D] upcast is
+  # cheap next to the experts).
+  probs = jax.nn.softmax(linear(h.astype(jnp.float32), w_router.astype(jnp.float32)),
+                         axis=-1)                                           # [R, E]
   weights, experts = jax.lax.top_k(probs, top_k)                            # [R, k]
   weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
   return weights * per_expert_scale.astype(jnp.float32)[experts], experts
