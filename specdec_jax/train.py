@@ -21,6 +21,9 @@ Pipeline (each stage cached, so a rerun or a resume skips it):
   5. orbax checkpoints every `checkpoint_every` steps; a rerun with the same
      workdir resumes from the newest one and ends where an uninterrupted run
      ends (data order is a function of the step; see `batch_rows`).
+  With `shards` set, stages 1-2 read the target's own continuations and the
+  features recorded while it generated them (distill_data.py,
+  shard_features.py) instead; labels are then the tokens it chose.
   6. held-out per-position accuracy (argmax == target greedy token) and the
      chained acceptance (all drafts up to i right) logged as it trains, with
      progress and ETA; the final drafter is exported with checkpoints.py.
@@ -251,8 +254,9 @@ def choose_vocab(feats: Features, size: int, vocab_size: int) -> np.ndarray:
   """The `size` most frequent target greedy tokens (ties by id), sorted by id;
   unseen ids fill up the rest if the data has fewer distinct tokens."""
   T = feats.labels.shape[1]
-  valid = np.arange(T)[None, :] < feats.lengths[:, None]
-  counts = np.bincount(np.asarray(feats.labels)[valid], minlength=vocab_size)
+  labels = np.asarray(feats.labels)
+  valid = (np.arange(T)[None, :] < feats.lengths[:, None]) & (labels >= 0)
+  counts = np.bincount(labels[valid], minlength=vocab_size)
   order = np.lexsort((np.arange(vocab_size), -counts))
   return np.sort(order[:size]).astype(np.int32)
 
@@ -308,6 +312,8 @@ def loss_and_metrics(dcfg, net_params, embedding, vocab, inv_vocab, batch, depth
   total, metrics, chain = 0.0, {}, None
   for j, logits in enumerate(all_logits):
     valid = (t + 1 + j < batch['lengths'][:, None])                      # position t+1+j exists
+    if 'start' in batch:           # self-distilled rows: no target state before the prompt's end
+      valid &= t >= batch['start'][:, None]
     labels = _shift(batch['labels'], 1 + j)
     logp = jax.nn.log_softmax(logits, axis=-1)
     if loss_kind == 'ce':
@@ -403,8 +409,8 @@ def validate(c) -> None:
     raise UserError(f'learning_rate must be > 0, got {c.learning_rate}')
   if not c.workdir:
     raise UserError('workdir must name a folder (checkpoints and logs go there)')
-  if not c.data:
-    raise UserError('data must list at least one file glob')
+  if not c.data and not c.get('shards'):
+    raise UserError('data must list at least one file glob (or set shards)')
   for key in ('feature_batch_size', 'eval_rows', 'log_every'):
     if c[key] < 1:
       raise UserError(f'{key} must be >= 1, got {c[key]}')
@@ -452,23 +458,8 @@ class Logger:
         f.write(json.dumps(record) + '\n')
 
 
-def run(c) -> dict:
-  """The drafter training job (config: configs/train_mtp.py)."""
-  import orbax.checkpoint as ocp
-  from specdec_jax import checkpoints
-  from specdec_jax.targets import load_target
-
-  validate(c)
-  files = expand_data(list(c.data))
-  workdir = pathlib.Path(c.workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  log = Logger(workdir)
-  t_start = time.time()
-  target = load_target(c.model, gguf=c.gguf, param_dtype=c.param_dtype, dtype=c.dtype,
-                       seed=c.target_seed)
-  # The drafter trains in float32 whatever the target's weights (optax state, export).
-  dcfg = drafter_config_from(c, target.config.replace(param_dtype='float32'))
-  kv_layers = feature_kv_layers(target.config)
+def _teacher_forced_features(c, target, files, kv_layers, log):
+  """Stages 1-2: corpus windows and the target's features over them (cached)."""
   feat_root = default_cache_root() / 'features' / _features_key(c, target, files, kv_layers)
   log(f'data: {len(files)} files; target features in {feat_root}')
   if (feat_root / 'train' / 'done.json').is_file() and (feat_root / 'heldout' / 'done.json').is_file():
@@ -480,7 +471,31 @@ def run(c) -> dict:
   feats = {s: compute_features(target, windows[s], kv_layers, feat_root / s,
                                batch_size=c.feature_batch_size, log=log)
            for s in ('train', 'heldout')}
-  train_f, held_f = feats['train'], feats['heldout']
+  return feats['train'], feats['heldout'], feat_root.name
+
+
+def run(c) -> dict:
+  """The drafter training job (config: configs/train_mtp.py)."""
+  import orbax.checkpoint as ocp
+  from specdec_jax import checkpoints
+  from specdec_jax.targets import load_target
+
+  validate(c)
+  files = [] if c.get('shards') else expand_data(list(c.data))
+  workdir = pathlib.Path(c.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  log = Logger(workdir)
+  t_start = time.time()
+  target = load_target(c.model, gguf=c.gguf, param_dtype=c.param_dtype, dtype=c.dtype,
+                       seed=c.target_seed)
+  # The drafter trains in float32 whatever the target's weights (optax state, export).
+  dcfg = drafter_config_from(c, target.config.replace(param_dtype='float32'))
+  kv_layers = feature_kv_layers(target.config)
+  if c.get('shards'):             # self-distilled shards (distill_data.py) replace stages 1-2
+    from specdec_jax import shard_features
+    train_f, held_f, feat_name = shard_features.load(c, target, kv_layers, workdir, log)
+  else:
+    train_f, held_f, feat_name = _teacher_forced_features(c, target, files, kv_layers, log)
   if len(train_f) < c.batch_size:
     raise UserError(f'only {len(train_f)} training windows for batch_size={c.batch_size}; '
                     'add data or lower batch_size')
@@ -489,14 +504,15 @@ def run(c) -> dict:
   inv_vocab = np.full((V,), -1, np.int32)
   inv_vocab[vocab] = np.arange(len(vocab))
   T = train_f.labels.shape[1]
-  valid = np.arange(T)[None] < train_f.lengths[:, None]
-  coverage = float(np.isin(np.asarray(train_f.labels)[valid], vocab).mean())
+  labels = np.asarray(train_f.labels)
+  valid = (np.arange(T)[None] < train_f.lengths[:, None]) & (labels >= 0)
+  coverage = float(np.isin(labels[valid], vocab).mean())
   log(f'{len(train_f)} train / {len(held_f)} held-out windows of {T} tokens; reduced vocabulary '
       f'{len(vocab)} covers {coverage:.3f} of the target\'s greedy tokens')
 
   meta = dict(drafter=dcfg.to_dict(), loss=c.loss, depth=c.depth, steps=c.steps,
               batch_size=c.batch_size, learning_rate=c.learning_rate, seed=c.seed,
-              features=feat_root.name)
+              features=feat_name)
   meta_path = workdir / 'run.json'
   if meta_path.is_file():
     old = json.loads(meta_path.read_text())
