@@ -6,8 +6,9 @@ Runs transformers itself, in its own throwaway virtual environment (CPU torch
 2.13.0 + transformers 5.24.0, like tools/make_hf_fixture.py), and writes under
 tests/fixtures/hf_tiny/ one folder per checkpoint, each a real
 `save_pretrained` folder (config.json + safetensors) plus `reference.json`:
-HF's greedy continuation and top logits (float32, eager attention) for a few
-prompt_ids sequences longer than the sliding window.
+HF's greedy continuation (ending with <eos> = 1 where HF stopped there) and
+top logits (float32, eager attention) for a few prompt_ids sequences longer
+than the sliding window.
 
 - `gemma3_text/`: Gemma3ForCausalLM; GQA, head_dim * heads != hidden,
   query_pre_attn_scalar != head_dim, layers sliding / sliding / full,
@@ -80,13 +81,17 @@ def reference(model, torch, np):
   for ids in PROMPTS:
     x = torch.tensor([ids])
     with torch.no_grad():
-      out = model.generate(x, do_sample=False, max_new_tokens=NEW_TOKENS,
-                           min_new_tokens=NEW_TOKENS, pad_token_id=0)
-      full = model(out).logits[0].float().numpy()
+      # Stops at <eos> like ours (min_new_tokens would mask it: another argmax).
+      out = model.generate(x, do_sample=False, max_new_tokens=NEW_TOKENS, pad_token_id=0)[0]
+      greedy = out[len(ids):].tolist()
+      if 1 in greedy:
+        greedy = greedy[:greedy.index(1) + 1]
+      out = out[:len(ids) + len(greedy)]
+      full = model(out[None]).logits[0].float().numpy()
     top_ids = np.argsort(-full, axis=-1)[:, :TOP]
     top_vals = np.take_along_axis(full, top_ids, axis=-1)
     gap = top_vals[:, 0] - top_vals[:, 1]
-    cases.append(dict(prompt_ids=ids, greedy_ids=out[0, len(ids):].tolist(),
+    cases.append(dict(prompt_ids=ids, greedy_ids=greedy,
                       top_ids=top_ids.tolist(), top_logits=np.round(top_vals, 6).tolist(),
                       min_top2_gap=round(float(gap.min()), 6)))
   return cases
