@@ -16,6 +16,15 @@ Every drafter is a frozen, hashable dataclass (static under jit) with:
   commit(state, lengths) -> state
       after acceptance: rows now hold `lengths` tokens.
 
+Optionally, `draft_scored(...)` (same arguments as `draft`) returns
+(drafts, probs, state, confidence [B, k] float32): how sure the drafter is
+at each step, a function of what it knew *before* drawing that token (the
+peak of q_i; 1 / 0 for ngram's found / made-up tokens), which the dynamic
+draft-length policy (policy.py) reads; a drafter without it counts as
+confident. A drafter with state that an autoregressive step invalidates gives
+`catch_up(params, state, tokens, lengths)`, run instead of a draft when the
+round is a plain step (DraftModelDrafter feeds its cache the pending token).
+
 Optionally, `has_draft(tokens, lengths) -> [B] bool`: a drafter that can
 abstain says per row whether it has a proposal worth a verify pass. A round
 in which every unfinished row abstains is a plain autoregressive step (one
@@ -109,17 +118,21 @@ class NgramDrafter:
 
   def propose(self, tokens, lengths):
     """tokens [B, S], lengths [B] -> draft tokens [B, k]."""
-    best_start = self._match(tokens, lengths)
-    idx = best_start[:, None] + jnp.arange(self.draft_len)[None, :]    # [B, k]
-    # Past the known context (idx >= L) repeat the last known token.
-    idx = jnp.where((best_start[:, None] >= 0) & (idx < lengths[:, None]), idx,
-                    lengths[:, None] - 1)
-    return jnp.take_along_axis(tokens, idx, axis=1).astype(jnp.int32)
+    return self.draft_scored(None, (), tokens, lengths, None, None, True)[0]
 
   def draft(self, params, state, tokens, lengths, keys, batch, greedy, target=None):
-    drafts = self.propose(tokens, lengths)
+    return self.draft_scored(params, state, tokens, lengths, keys, batch, greedy, target)[:3]
+
+  def draft_scored(self, params, state, tokens, lengths, keys, batch, greedy, target=None):
+    best_start = self._match(tokens, lengths)
+    idx = best_start[:, None] + jnp.arange(self.draft_len)[None, :]    # [B, k]
+    # Past the known context (idx >= L) the proposal is made up: the last
+    # known token repeated, with confidence 0.
+    found = (best_start[:, None] >= 0) & (idx < lengths[:, None])
+    idx = jnp.where(found, idx, lengths[:, None] - 1)
+    drafts = jnp.take_along_axis(tokens, idx, axis=1).astype(jnp.int32)
     probs = None if greedy else jax.nn.one_hot(drafts, self.vocab_size, dtype=jnp.float32)
-    return drafts, probs, state
+    return drafts, probs, state, found.astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,36 +159,61 @@ class DraftModelDrafter:
   def commit(self, state, lengths):
     return state.replace(lengths=lengths - 1)
 
+  def catch_up(self, params, state, tokens, lengths):
+    """A plain target step consumed the pending token: feed it to our cache too."""
+    _, _, cache = self._apply(params, _pending(tokens, lengths)[:, None], state,
+                              compute_logits=False)
+    return cache
+
   def draft(self, params, state, tokens, lengths, keys, batch, greedy, target=None):
+    return self.draft_scored(params, state, tokens, lengths, keys, batch, greedy, target)[:3]
+
+  def draft_scored(self, params, state, tokens, lengths, keys, batch, greedy, target=None):
     def step(carry, i):
       cache, tok = carry
       logits, _, cache = self._apply(params, tok[:, None], cache)
-      logits = logits[:, 0]
-      if greedy:
-        nxt, probs = sampling.greedy(logits), None
-      else:
-        probs = sampling.warp(logits, batch.temperature, batch.top_k, batch.top_p)
-        nxt = sampling.sample(jax.vmap(jax.random.fold_in, (0, None))(keys, i), probs)
-      return (cache, nxt), (nxt, probs)
+      step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, i)
+      nxt, probs, conf = _draw(logits[:, 0], step_keys, batch, greedy)
+      return (cache, nxt), (nxt, probs, conf)
 
-    (cache, last), (drafts, probs) = jax.lax.scan(
+    (cache, last), (drafts, probs, conf) = jax.lax.scan(
         step, (state, _pending(tokens, lengths)), jnp.arange(self.draft_len))
     _, _, cache = self._apply(params, last[:, None], cache, compute_logits=False)
     drafts = drafts.T                                                    # [B, k]
     probs = None if greedy else probs.transpose(1, 0, 2)                # [B, k, V]
-    return drafts, probs, cache
+    return drafts, probs, cache, conf.T
+
+
+def _draw(logits, keys, batch, greedy):
+  """One draft token per row from logits [B, V'] -> (ids [B], probs [B, V'] or
+  None when greedy, confidence [B]).
+
+  The confidence is the peak of the distribution the token is drawn from
+  (greedy: of the plain softmax, whose peak is the drafted token), never the
+  drawn token's own probability: whether a draft is offered to the target
+  may depend on q but not on the token drawn from it, or the offered drafts
+  are no longer distributed as q and the rejection sampler stops being exact
+  (tests/test_policy.py's power check shows the difference).
+  """
+  if greedy:
+    idx = sampling.greedy(logits)
+    conf = jnp.max(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
+    return idx, None, conf
+  probs = sampling.warp(logits, batch.temperature, batch.top_k, batch.top_p)
+  idx = sampling.sample(keys, probs)
+  return idx, probs, jnp.max(probs, axis=-1)
 
 
 def _pick(logits, vocab, keys, batch, greedy, vocab_size):
-  """Draws from reduced-vocabulary logits [B, R]; returns target ids [B] and
-  the full-vocabulary draft distribution [B, V] (zero outside the subset)."""
+  """Draws from reduced-vocabulary logits [B, R]; returns target ids [B], the
+  full-vocabulary draft distribution [B, V] (zero outside the subset; None
+  when greedy) and the confidence [B]."""
+  idx, probs, conf = _draw(logits, keys, batch, greedy)
   if greedy:
-    return vocab[jnp.argmax(logits, axis=-1)], None
-  probs = sampling.warp(logits, batch.temperature, batch.top_k, batch.top_p)
-  idx = sampling.sample(keys, probs)
+    return vocab[idx], None, conf
   full = jnp.zeros((logits.shape[0], vocab_size), jnp.float32)
   full = full.at[:, vocab].set(probs, unique_indices=True)
-  return vocab[idx], full
+  return vocab[idx], full, conf
 
 
 class _Trained:
@@ -205,6 +243,9 @@ class MTPDrafter(_Trained):
   draft_len: int
 
   def draft(self, params, state, tokens, lengths, keys, batch, greedy, target):
+    return self.draft_scored(params, state, tokens, lengths, keys, batch, greedy, target)[:3]
+
+  def draft_scored(self, params, state, tokens, lengths, keys, batch, greedy, target):
     cfg = self.config
     sub, embed = self._inputs(params, target)
     q_pos = (lengths - 1)[:, None]                                       # the pending token
@@ -215,13 +256,13 @@ class MTPDrafter(_Trained):
       h, tok = carry
       h, logits = net.apply({'params': params['net']}, embed(tok), h[:, None], q_pos, kvs, sub)
       step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, i)
-      nxt, probs = _pick(logits[:, 0], params['vocab'], step_keys, batch, greedy,
-                         cfg.target.vocab_size)
-      return (h[:, 0], nxt), (nxt, probs)
+      nxt, probs, conf = _pick(logits[:, 0], params['vocab'], step_keys, batch, greedy,
+                               cfg.target.vocab_size)
+      return (h[:, 0], nxt), (nxt, probs, conf)
 
-    _, (drafts, probs) = jax.lax.scan(
+    _, (drafts, probs, conf) = jax.lax.scan(
         step, (target.hidden, _pending(tokens, lengths)), jnp.arange(self.draft_len))
-    return drafts.T, (None if greedy else probs.transpose(1, 0, 2)), state
+    return drafts.T, (None if greedy else probs.transpose(1, 0, 2)), state, conf.T
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +272,9 @@ class HeadsDrafter(_Trained):
   draft_len: int
 
   def draft(self, params, state, tokens, lengths, keys, batch, greedy, target):
+    return self.draft_scored(params, state, tokens, lengths, keys, batch, greedy, target)[:3]
+
+  def draft_scored(self, params, state, tokens, lengths, keys, batch, greedy, target):
     cfg, k = self.config, self.draft_len
     sub, embed = self._inputs(params, target)
     logits = HeadsNet(cfg).apply({'params': params['net']}, embed(_pending(tokens, lengths)),
@@ -243,10 +287,17 @@ class HeadsDrafter(_Trained):
     rep = lambda x: jnp.repeat(x, k)
     flat_batch = batch.replace(temperature=rep(batch.temperature), top_k=rep(batch.top_k),
                                top_p=rep(batch.top_p))
-    nxt, probs = _pick(logits.reshape(B * k, -1), params['vocab'], step_keys, flat_batch,
-                       greedy, cfg.target.vocab_size)
+    nxt, probs, conf = _pick(logits.reshape(B * k, -1), params['vocab'], step_keys, flat_batch,
+                             greedy, cfg.target.vocab_size)
     return (nxt.reshape(B, k),
-            None if greedy else probs.reshape(B, k, -1), state)
+            None if greedy else probs.reshape(B, k, -1), state, conf.reshape(B, k))
+
+
+def with_draft_len(drafter, k: int):
+  """The same drafter proposing k tokens (the policy compiles one per length)."""
+  if hasattr(drafter, 'with_draft_len'):
+    return drafter.with_draft_len(k)
+  return dataclasses.replace(drafter, draft_len=k)
 
 
 def check_compatible(dcfg: DrafterConfig, target_config: ModelConfig):

@@ -29,9 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from specdec_jax import policy as policy_lib
 from specdec_jax import rejection, sampling
 from specdec_jax.config import ModelConfig
-from specdec_jax.drafters import TargetView
+from specdec_jax.drafters import TargetView, with_draft_len
 from specdec_jax.model import KVCache, build
 
 
@@ -64,6 +65,7 @@ class DecodeState:
   verify_rounds: jax.Array    # [] int32: those that verified drafts
   batch: Batch
   drafter_state: Any = None
+  policy: Any = None          # policy.PolicyState when the draft length is dynamic
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -77,6 +79,18 @@ class Generator:
   cache_size: int
   greedy: bool = True
   drafter: Any = None         # None: plain autoregressive decoding
+  # policy.DraftPolicy: each round chooses its draft length among policy.ks
+  # (0 = a plain step; the largest is the drafter's draft_len). None: always
+  # draft_len, except rounds where an abstaining drafter has nothing.
+  policy: Any = None
+
+  def __post_init__(self):
+    if self.policy is not None:
+      if self.drafter is None:
+        raise ValueError('a draft-length policy needs a drafter')
+      if self.policy.max_k != self.drafter.draft_len:
+        raise ValueError(f'the policy\'s largest draft length {self.policy.max_k} must be '
+                         f'the drafter\'s draft_len {self.drafter.draft_len}')
 
   @property
   def draft_len(self) -> int:
@@ -103,8 +117,12 @@ class Generator:
     return sampling.sample(keys, probs)
 
   @functools.partial(jax.jit, static_argnames=('self',))
-  def prefill(self, params, batch: Batch, drafter_params=None) -> DecodeState:
+  def prefill(self, params, batch: Batch, drafter_params=None,
+              policy_params=None) -> DecodeState:
+    """policy_params: a policy.PolicyParams, required with a policy."""
     B, P = batch.prompts.shape
+    if (self.policy is None) != (policy_params is None):
+      raise ValueError('policy_params go with a policy, and a policy needs them')
     cache = KVCache.init(self.config, B, self.cache_size)
     _, hidden, cache = self.call_target(params, batch.prompts, cache, compute_logits=False)
     # The state that predicted the pending (last prompt) token; a 1-token
@@ -125,7 +143,9 @@ class Generator:
                        accepted=jnp.zeros((B, self.draft_len), jnp.int32),
                        step=jnp.zeros((), jnp.int32), verify_rounds=jnp.zeros((), jnp.int32),
                        batch=batch,
-                       drafter_state=drafter_state)
+                       drafter_state=drafter_state,
+                       policy=(None if self.policy is None else
+                               policy_lib.PolicyState.init(policy_params, B)))
 
   def _ar_step(self, params, state: DecodeState) -> DecodeState:
     b = state.batch
@@ -144,38 +164,40 @@ class Generator:
         cache=cache.replace(lengths=lengths - 1),
         target_calls=state.target_calls + live, step=state.step + 1)
 
-  def _spec_round(self, params, drafter_params, state: DecodeState, abstain=None,
-                  drafted=None) -> DecodeState:
-    """Draft k -> verify k+1 in one target call -> accept per row -> write.
+  def _spec_round(self, params, drafter_params, state: DecodeState, drafted, limit=None,
+                  num_uniforms=None):
+    """Verify k drafts in one target call -> accept per row -> write.
 
-    Rows in `abstain` ([B] bool, or None) accept no draft and draw their token
-    from the target's first distribution exactly as `_ar_step` would (same
-    key), so a row's output does not depend on whether its batch verified.
-    `drafted`: the draft half's result when the caller already ran it.
+    drafted: (drafts [B, k], q [B, k, V] or None, drafter state), k static.
+    limit ([B] int32, or None = k): drafts each row offers. A row offering
+    none (an abstaining or unconfident row) accepts nothing and draws its
+    token from the target's first distribution exactly as `_ar_step` would
+    (same key), so its output does not depend on whether its batch verified.
+    Returns (state, n [B] drafts accepted per row).
     """
-    b, k = state.batch, self.draft_len
-    B = state.tokens.shape[0]
+    b = state.batch
+    drafts, q, dstate = drafted
+    B, k = drafts.shape
     L = state.lengths
     live = ~state.done
     # Keys depend on (row stream, position at round start): reproducible, and
     # independent of batch composition.
     keys = jax.vmap(jax.random.fold_in)(b.keys, L)
     accept_keys = jax.vmap(lambda key: jax.random.split(key))(keys)[:, 1]
-    drafts, q, dstate = (drafted if drafted is not None else
-                         self._draft(params, drafter_params, state))
     pending = jnp.take_along_axis(state.tokens, (L - 1)[:, None], axis=1)   # [B, 1]
     logits, hidden, cache = self.call_target(params, jnp.concatenate([pending, drafts], 1),
                                         state.cache)                       # [B, k+1, V]
+    p = None
     if self.greedy:
-      n, nxt = rejection.accept_greedy(drafts, logits)
+      n, nxt = rejection.accept_greedy(drafts, logits, limit)
     else:
       rep = lambda x: jnp.repeat(x, k + 1)
       p = sampling.warp(logits.reshape(B * (k + 1), -1), rep(b.temperature), rep(b.top_k),
                         rep(b.top_p)).reshape(B, k + 1, -1)
-      n, nxt = rejection.accept_sampled(accept_keys, drafts, q, p)
+      n, nxt = rejection.accept_sampled(accept_keys, drafts, q, p, limit, num_uniforms)
+    abstain = None if limit is None else limit == 0
     if abstain is not None:
-      n = jnp.where(abstain, 0, n)
-      first = self.next_tokens(logits[:, 0], b, L, None if self.greedy else p[:, 0])
+      first = self.next_tokens(logits[:, 0], b, L, p if p is None else p[:, 0])
       nxt = jnp.where(abstain, first, nxt)
     # Emitted this round: x_1..x_n then the correction / bonus token.
     slot = jnp.arange(k + 1)
@@ -193,34 +215,44 @@ class Generator:
         mode='promise_in_bounds', unique_indices=True)
     lengths = L + count
     done = state.done | (live & hit_eos) | (lengths >= b.limits)
-    accepted = state.accepted + (live[:, None] & (jnp.arange(k) < n[:, None]))
+    K = state.accepted.shape[1]
+    accepted = state.accepted + (live[:, None] & (jnp.arange(K) < n[:, None]))
     # The new pending token sits at L + count - 1; the verify pass's state at
     # the slot before it predicted it.
     last = jnp.take_along_axis(hidden, jnp.maximum(count - 1, 0)[:, None, None], axis=1)[:, 0]
     hidden = jnp.where((count > 0)[:, None], last, state.hidden)
+    verified = live if abstain is None else live & ~abstain
     return state.replace(
         tokens=tokens, lengths=lengths, done=done, hidden=hidden,
         cache=cache.replace(lengths=lengths - 1),
         drafter_state=self.drafter.commit(dstate, lengths),
         target_calls=state.target_calls + live,
-        draft_calls=state.draft_calls + (live if abstain is None else live & ~abstain),
-        accepted=accepted, step=state.step + 1, verify_rounds=state.verify_rounds + 1)
+        draft_calls=state.draft_calls + verified,
+        accepted=accepted, step=state.step + 1,
+        verify_rounds=state.verify_rounds + 1), jnp.where(verified, n, 0)
 
-  def _draft(self, params, drafter_params, state: DecodeState):
-    """The draft half of a round: (drafts [B, k], q or None, drafter state)."""
+  def _draft(self, params, drafter_params, state: DecodeState, k=None):
+    """The draft half of a round with k drafts (static; None = draft_len):
+    (drafts [B, k], q or None, drafter state, confidence [B, k])."""
     b, L = state.batch, state.lengths
     keys = jax.vmap(jax.random.fold_in)(b.keys, L)
     draft_keys = jax.vmap(lambda key: jax.random.split(key))(keys)[:, 0]
     view = TargetView(embedding=params['embedding'], cache=state.cache, hidden=state.hidden)
-    return self.drafter.draft(drafter_params, state.drafter_state, state.tokens, L, draft_keys,
-                              b, self.greedy, view)
+    drafter = self.drafter
+    if k is not None and k != drafter.draft_len:
+      drafter = with_draft_len(drafter, k)
+    args = (drafter_params, state.drafter_state, state.tokens, L, draft_keys, b, self.greedy,
+            view)
+    if hasattr(drafter, 'draft_scored'):
+      return drafter.draft_scored(*args)
+    drafts, q, dstate = drafter.draft(*args)
+    return drafts, q, dstate, jnp.ones(drafts.shape, jnp.float32)
 
-  @functools.partial(jax.jit, static_argnames=('self',))
-  def draft_part(self, params, state: DecodeState, drafter_params=None):
-    """The draft half of a round alone, for timing draft vs verify outside
-    the fused loop (where XLA interleaves them)."""
-    drafts, _, _ = self._draft(params, drafter_params, state)
-    return drafts
+  @functools.partial(jax.jit, static_argnames=('self', 'k'))
+  def draft_part(self, params, state: DecodeState, drafter_params=None, k=None):
+    """The draft half of a round alone (k drafts; None = draft_len), for
+    timing draft vs verify outside the fused loop (where XLA interleaves them)."""
+    return self._draft(params, drafter_params, state, k)[0]
 
   @functools.partial(jax.jit, static_argnames=('self',))
   def verify_part(self, params, state: DecodeState, drafts):
@@ -229,23 +261,74 @@ class Generator:
     logits, _, _ = self.call_target(params, jnp.concatenate([pending, drafts], 1), state.cache)
     return logits
 
+  def _plain_step(self, params, drafter_params, state):
+    """A plain autoregressive step in a speculative loop: the drafter's state
+    follows (commit, after a catch-up where its cache needs the pending token)."""
+    dstate = state.drafter_state
+    if hasattr(self.drafter, 'catch_up'):
+      dstate = self.drafter.catch_up(drafter_params, dstate, state.tokens, state.lengths)
+    s = self._ar_step(params, state)
+    return s.replace(drafter_state=self.drafter.commit(dstate, s.lengths))
+
   def _step(self, params, drafter_params, state):
     if self.drafter is None:
       return self._ar_step(params, state)
+    if self.policy is not None:
+      return self._dynamic_step(params, drafter_params, state)
+    k = self.draft_len
     if not hasattr(self.drafter, 'has_draft'):
-      return self._spec_round(params, drafter_params, state)
+      drafts, q, dstate, _ = self._draft(params, drafter_params, state)
+      return self._spec_round(params, drafter_params, state, (drafts, q, dstate))[0]
     # A drafter that can abstain: when no unfinished row has a proposal, one
     # target step on the pending token beats a verify pass over k+1 guesses.
     # The draft runs before the branch, next to has_draft, so XLA computes
     # what they share (ngram's match) once.
-    abstain = ~self.drafter.has_draft(state.tokens, state.lengths)
-    drafted = self._draft(params, drafter_params, state)
-    def ar(s):
-      s = self._ar_step(params, s)
-      return s.replace(drafter_state=self.drafter.commit(s.drafter_state, s.lengths))
-    return jax.lax.cond(jnp.all(abstain | state.done), ar,
-                        lambda s: self._spec_round(params, drafter_params, s, abstain, drafted),
-                        state)
+    limit = jnp.where(self.drafter.has_draft(state.tokens, state.lengths), k, 0)
+    drafts, q, dstate, _ = self._draft(params, drafter_params, state)
+    return jax.lax.cond(
+        jnp.all((limit == 0) | state.done),
+        lambda s: self._plain_step(params, drafter_params, s),
+        lambda s: self._spec_round(params, drafter_params, s, (drafts, q, dstate), limit)[0],
+        state)
+
+  def _dynamic_step(self, params, drafter_params, state):
+    """One round whose draft length the policy picks (policy.py): plan from
+    each row's past acceptance, draft, let each row offer its confident
+    drafts, verify at the smallest compiled length covering the offers."""
+    pol, ps = self.policy, state.policy
+    K, B = self.draft_len, state.tokens.shape[0]
+    live = ~state.done
+    can = (self.drafter.has_draft(state.tokens, state.lengths)
+           if hasattr(self.drafter, 'has_draft') else jnp.ones((B,), bool))
+    plan = policy_lib.plan(pol, ps, live, can, state.batch.limits - state.lengths)
+    V = self.config.vocab_size
+
+    def draft_branch(k):
+      def f():
+        if k == 0:
+          q = None if self.greedy else jnp.zeros((B, K, V), jnp.float32)
+          return (jnp.zeros((B, K), jnp.int32), q, state.drafter_state,
+                  jnp.zeros((B, K), jnp.float32))
+        drafts, q, dstate, conf = self._draft(params, drafter_params, state, k)
+        pad = lambda x: jnp.pad(x, [(0, 0), (0, K - k)] + [(0, 0)] * (x.ndim - 2))
+        return pad(drafts), (None if q is None else pad(q)), dstate, pad(conf)
+      return f
+
+    drafts, q, dstate, conf = jax.lax.switch(plan, [draft_branch(k) for k in pol.ks])
+    offered = policy_lib.offers(conf, ps.params.threshold, jnp.asarray(pol.ks)[plan],
+                                live & can)
+    j = policy_lib.verify_index(pol, offered)
+
+    def verify_branch(k):
+      def f(s):
+        if k == 0:
+          return self._plain_step(params, drafter_params, s), jnp.zeros((B,), jnp.int32)
+        drafted = (drafts[:, :k], None if q is None else q[:, :k], dstate)
+        return self._spec_round(params, drafter_params, s, drafted, offered, num_uniforms=K)
+      return f
+
+    new, n = jax.lax.switch(j, [verify_branch(k) for k in pol.ks], state)
+    return new.replace(policy=policy_lib.update(ps, plan, j, offered, n))
 
   @functools.partial(jax.jit, static_argnames=('self',), donate_argnames=('state',))
   def step(self, params, state: DecodeState, drafter_params=None) -> DecodeState:
@@ -258,8 +341,10 @@ class Generator:
     return jax.lax.while_loop(lambda s: ~jnp.all(s.done),
                               lambda s: self._step(params, drafter_params, s), state)
 
-  def generate(self, params, batch: Batch, drafter_params=None) -> DecodeState:
-    return self.decode(params, self.prefill(params, batch, drafter_params), drafter_params)
+  def generate(self, params, batch: Batch, drafter_params=None,
+               policy_params=None) -> DecodeState:
+    state = self.prefill(params, batch, drafter_params, policy_params)
+    return self.decode(params, state, drafter_params)
 
 
 def make_batch(prompts: Sequence[Sequence[int]], *, batch_size: int, bucket_len: int,

@@ -15,6 +15,11 @@ from specdec_jax.drafter_models import HeadsNet
 
 BUGS = ('residual_not_renormalised', 'bonus_from_p_k', 'residual_from_p_next',
         'residual_with_q_next', 'keys_reused_across_rounds')
+# Bugs only a row offering fewer drafts than its batch verifies can show
+# (the dynamic draft-length policy): after every offered draft passed, the
+# next token comes from the residual against the first unoffered draft's q
+# instead of a bonus draw from p.
+LIMIT_BUGS = ('unoffered_draft_residual',)
 
 
 def accept_sampled_with(bug: str):
@@ -32,9 +37,9 @@ def accept_sampled_with(bug: str):
   - 'keys_reused_across_rounds': the acceptance keys ignore the position
     (one key per row for every round).
   """
-  assert bug in BUGS, bug
+  assert bug in BUGS + LIMIT_BUGS, bug
 
-  def accept(keys, draft_tokens, draft_probs, target_probs):
+  def accept(keys, draft_tokens, draft_probs, target_probs, limit=None, num_uniforms=None):
     B, k = draft_tokens.shape
     if bug == 'keys_reused_across_rounds':
       keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(1234), i))(jnp.arange(B))
@@ -43,6 +48,11 @@ def accept_sampled_with(bug: str):
     p_x = jnp.take_along_axis(target_probs[:, :k], draft_tokens[..., None], axis=-1)[..., 0]
     q_x = jnp.take_along_axis(draft_probs, draft_tokens[..., None], axis=-1)[..., 0]
     n = jnp.sum(jnp.cumprod((u * q_x < p_x).astype(jnp.int32), axis=-1), axis=-1)
+    if limit is not None:
+      n = jnp.minimum(n, limit)
+      if bug != 'unoffered_draft_residual':   # all offered passed: a bonus from p
+        draft_probs = jnp.where((jnp.arange(k)[None, :] < limit[:, None])[..., None],
+                                draft_probs, 0.0)
     p_at = n
     if bug == 'bonus_from_p_k':
       p_at = jnp.where(n == k, k - 1, n)
@@ -129,6 +139,38 @@ class BrokenDrafter:
     rep = lambda x: jnp.repeat(x, k)
     flat = batch.replace(temperature=rep(batch.temperature), top_k=rep(batch.top_k),
                          top_p=rep(batch.top_p))
-    nxt, probs = drafters._pick(logits.reshape(B * k, -1), params['vocab'], jnp.repeat(keys, k),
+    nxt, probs, _ = drafters._pick(logits.reshape(B * k, -1), params['vocab'], jnp.repeat(keys, k),
                                 flat, greedy, base.config.target.vocab_size)
     return nxt.reshape(B, k), probs.reshape(B, k, -1), state
+
+
+@dataclasses.dataclass(frozen=True)
+class DrawnTokenConfidence:
+  """A drafter whose confidence is the drawn token's own probability q_i(x_i)
+  instead of the peak of q_i: the dynamic policy then offers x_i depending on
+  its value, so the offered drafts no longer follow q_i (sampling only)."""
+  base: object
+
+  @property
+  def draft_len(self):
+    return self.base.draft_len
+
+  def with_draft_len(self, k):
+    return DrawnTokenConfidence(drafters.with_draft_len(self.base, k))
+
+  def init_state(self, params, batch, cache_size):
+    return self.base.init_state(params, batch, cache_size)
+
+  def commit(self, state, lengths):
+    return self.base.commit(state, lengths)
+
+  def catch_up(self, params, state, tokens, lengths):
+    return self.base.catch_up(params, state, tokens, lengths)
+
+  def draft(self, *args):
+    return self.draft_scored(*args)[:3]
+
+  def draft_scored(self, *args):
+    d, q, state, _ = self.base.draft_scored(*args)
+    return d, q, state, jnp.take_along_axis(q, d[..., None], axis=-1)[..., 0]
+

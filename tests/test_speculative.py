@@ -25,6 +25,9 @@ class WrongDrafter:
   def draft_len(self):
     return self.base.draft_len
 
+  def with_draft_len(self, k):
+    return WrongDrafter(drafters.with_draft_len(self.base, k))
+
   def init_state(self, params, batch, cache_size):
     return self.base.init_state(params, batch, cache_size)
 
