@@ -250,3 +250,34 @@ def test_wrong_model_type_and_missing_tensor(tmp_path):
   folder = _copy(tmp_path / 'b')
   _edit(folder, attention_k_eq_v=False)
   _one_line_error(folder, r"layers.1.self_attn.v_proj.weight' is missing")
+
+
+# ---------------------------------------------------------------- devices
+
+@pytest.mark.parametrize('name, temperature, drafter_kind', [
+    ('moe_k_eq_v', 1.0, 'none'), ('moe_k_eq_v', 0.0, 'ngram'), ('e_style', 0.0, 'ngram')])
+def test_mesh_equals_single_device(name, temperature, drafter_kind):
+  """The ('data', 'model') mesh over 8 fake CPU devices (model-sharded
+  matrices, MoE included) gives the single-device tokens and round counts."""
+  from specdec_jax import drafters, parallel
+  assert jax.device_count() == 8, 'conftest sets 8 fake CPU devices'
+  cfg, params, _ = hf_gemma4.load(ROOT / name)
+  ref = json.loads((ROOT / name / 'hf_outputs.json').read_text())
+  base = [c['prompt_ids'] for c in ref['cases']]
+  prompts = [base[i % 3][:3 + i] for i in range(8)]
+  drafter = drafters.NgramDrafter(3, cfg.vocab_size) if drafter_kind == 'ngram' else None
+  gen = generate.Generator(cfg, cache_size=48, greedy=temperature == 0, drafter=drafter)
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(8))
+  batch = generate.make_batch(prompts, batch_size=8, bucket_len=16, max_new_tokens=12,
+                              keys=keys, temperature=temperature)
+  want = generate.completions(gen.generate(params, batch), cfg.eos_id)
+  if drafter_kind == 'ngram':   # the verify path ran: some drafts were accepted
+    assert sum(w['new_tokens'] for w in want) > sum(w['target_calls'] for w in want)
+  # batch 2 per call: data=2, model=4 (the weights split over 'model').
+  runner = parallel.make_runner(gen, params, None, mode='mesh', num_devices=8, batch_size=2)
+  subs = [jax.tree.map(lambda x: x[s:s + 2], batch) for s in range(0, 8, 2)]
+  run = runner.compile(subs[0])   # one program for every batch of this shape
+  got = [c for sub in subs for c in generate.completions(run(sub), cfg.eos_id)]
+  assert runner.mode == 'mesh(data=2,model=4)'
+  for key in ('completion_ids', 'target_calls', 'accepted_by_position'):
+    assert [g[key] for g in got] == [w[key] for w in want], key
