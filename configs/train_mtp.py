@@ -2,6 +2,9 @@
 
     python -m experiments.run --config=configs/train_mtp.py
     python -m experiments.run --config=configs/train_mtp.py:tiny   # tiny random target, ~1 min
+    python -m experiments.run --config=configs/train_mtp.py \
+        --config.shards=outputs/distill/gemma3_270m --config.workdir=outputs/train_mtp_distill
+        # the target's own continuations (configs/distill_data.py) instead of `data`
 
 Data: Python standard-library sources (code) and the Python documentation's
 reST sources (prose; `sh tools/fetch_corpora.sh` unpacks Debian's

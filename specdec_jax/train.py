@@ -595,7 +595,7 @@ def run(c) -> dict:
                  heldout={k: round(v, 4) for k, v in held.items()},
                  train_seconds_this_run=round(train_seconds, 1),
                  total_seconds_this_run=round(time.time() - t_start, 1),
-                 data=list(c.data))
+                 data=f'shards:{c.shards}' if c.get('shards') else list(c.data))
   out = ''
   if c.output:
     notice, extra = _notice(c.model)
