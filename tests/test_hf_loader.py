@@ -125,6 +125,22 @@ def test_bf16_weights(loaded):
   assert same / total >= 0.9 and 0 < worst < 0.5, (same, total, worst)
 
 
+def test_sharded_load_on_a_mesh():
+  """Placed leaf by leaf with the mesh path's sharding (8 fake CPU devices,
+  'model' = 8): big matrices split over 'model', norms replicated; the
+  forward equals the single-device one."""
+  from jax.sharding import Mesh, PartitionSpec as P
+  from specdec_jax.loaders.placement import mesh_sharding_fn
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(1, 8), ('data', 'model'))
+  cfg, params, _ = hf_gemma3.load(ROOT / 'gemma3_text', sharding=mesh_sharding_fn(mesh))
+  _, single, _ = hf_gemma3.load(ROOT / 'gemma3_text')
+  assert params['embedding'].sharding.spec == P('model', None)
+  assert params['layer_0']['mlp']['down'].sharding.spec == P(None, 'model')
+  assert params['layer_0']['attn']['q_norm'].sharding.spec == P()
+  ids = reference('gemma3_text')['cases'][0]['prompt_ids']
+  np.testing.assert_allclose(forward(cfg, params, ids), forward(cfg, single, ids), atol=1e-5)
+
+
 def test_tokenizer_json():
   """No tokenizer.model: tokenizer.json through `tokenizers`, BOS added once."""
   _, _, tok = hf_gemma3.load(ROOT / 'gemma3_text')

@@ -8,8 +8,8 @@ model here (see gemma_gguf.py).
 
 A sharding function maps a leaf's '/'-joined path and its
 jax.ShapeDtypeStruct to a jax.sharding.Sharding, or None for the default
-device. `tree_sharding_fn` adapts a tree of shardings (such as
-parallel.param_sharding gives for a mesh) to one.
+device. `mesh_sharding_fn(mesh)` is the mesh path's rule;
+`tree_sharding_fn` adapts any tree of shardings to one.
 """
 import functools
 from typing import Callable, Optional
@@ -48,6 +48,18 @@ def tree_sharding_fn(shardings) -> ShardingFn:
       shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]:
     flat['/'.join(str(getattr(p, 'key', p)) for p in path)] = s
   return lambda path, leaf: flat.get(path)
+
+
+def mesh_sharding_fn(mesh: jax.sharding.Mesh) -> ShardingFn:
+  """The mesh path's rule (parallel.param_sharding: big matrices split over
+  'model'), leaf by leaf: a loader places each tensor straight on its shards,
+  so no device ever holds a whole matrix meant to be split."""
+  from specdec_jax.parallel import param_sharding
+
+  def fn(path: str, leaf: jax.ShapeDtypeStruct):
+    name = path.rsplit('/', 1)[-1]
+    return param_sharding({name: leaf}, mesh)[name]
+  return fn
 
 
 def param_bytes(params) -> int:
