@@ -25,10 +25,13 @@ Evaluation prompts (HumanEval, fortunes, the Jargon File, experiments/prompts)
 are never sources (a test asserts it).
 
 Measured 2026-11-27 (AMD EPYC, 2 cores shared by 4 agents, AVX512_BF16, bf16
-weights, batch 8, prompts 16-63 + 192 new tokens, nice 19): 35-97 tok/s per
-batch, median 62 (97 when nothing else runs), i.e. ~0.22M tokens/hour, one
-64-row shard (~12k tokens, 56 MB: hidden + KV of 2 layers, float16) every
-~3 min; 20,000 prompts ~ 3.8M tokens ~ 17 h and ~17 GB. Training from the
+weights, prompts 16-63 + 192 new tokens, nice 19): at batch 8, 35-97 tok/s
+per batch, median 62 (97 when nothing else runs), one 64-row shard (~12k
+tokens, 56 MB: hidden + KV of 2 layers, float16) every ~3 min. The batch size
+alone, timed in one process (`record`, 48 new tokens, cpulock, this job
+running niced beside it): batch 8 90-94, 16 116-128, 32 110-129 tok/s, so
+batch 16 is the default (the prompt stream does not depend on it; a resumed
+run may change it). 20,000 prompts ~ 3.8M tokens, ~17 GB. Training from the
 shards (configs/train_mtp.py --config.shards=<folder>): 2.5 s per step of
 8 x 256 tokens while this job runs.
 """
@@ -56,7 +59,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.max_prompt_tokens = 63      # BOS + 63 = a 64-token bucket
   c.max_new_tokens = 192        # cache = 64 + 192 = 256 slots
   c.topk = 16                   # top-k log-probs per position (the KL loss); 0 = none
-  c.batch_size = 8
+  c.batch_size = 16             # 1.3x the tokens/s of 8 here (8: 90-94, 16: 116-128, 32: 110-129)
   c.shard_rows = 64             # rows per shard (a multiple of batch_size)
   c.max_prompts = 20_000        # stop after this many prompts (~3.8M generated tokens, ~17 GB)
   c.stop_after_shards = 0       # > 0: stop after writing this many shards (tests)
