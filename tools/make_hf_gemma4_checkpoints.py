@@ -140,6 +140,107 @@ def inner(out_dir):
     print('wrote', path, f'{size / 1024:.0f} KiB', file=sys.stderr)
 
 
+# Assistants (gemma4_assistant), each paired with a target family above: its
+# layers read the target's KV of the last non-shared layer of each type, so
+# their head shapes follow the target's.
+ASSISTANTS = {
+    'assistant_e_style': dict(
+        target='e_style', use_ordered_embeddings=False,
+        text=dict(num_key_value_heads=2, global_head_dim=16)),
+    'assistant_dense_centroids': dict(
+        target='dense_k_eq_v', use_ordered_embeddings=True, num_centroids=8,
+        centroid_intermediate_top_k=3,
+        text=dict(num_key_value_heads=2, global_head_dim=16, attention_k_eq_v=True,
+                  num_global_key_value_heads=1)),
+}
+DRAFT_STEPS = 4
+PREFIX_LENGTHS = (2, 5, 9, 15, 22)   # tokens so far; the last one is pending
+
+
+def inner_assistants(out_dir):
+  """For each prefix s of the target's fixture sequences: the target run on
+  s[:-1] (positions 0 .. n-2 cached, the hidden state that predicted s[-1]),
+  then the assistant called directly for DRAFT_STEPS greedy steps from the
+  pending token s[-1] at position n-1, as the first round of transformers'
+  SinglePositionMultiTokenCandidateGenerator after a prefill of s[:-1] does."""
+  import numpy as np
+  import torch
+  import transformers
+  from transformers import (Gemma4AssistantConfig, Gemma4AssistantForCausalLM,
+                            Gemma4ForCausalLM, Gemma4ForConditionalGeneration,
+                            Gemma4TextConfig)
+
+  out_dir = pathlib.Path(out_dir)
+  for seed, (name, spec) in enumerate(ASSISTANTS.items()):
+    torch.manual_seed(50 + seed)
+    tpath = out_dir / spec['target']
+    tcfg = json.loads((tpath / 'config.json').read_text())
+    multimodal = tcfg['model_type'] == 'gemma4'
+    target = (Gemma4ForConditionalGeneration if multimodal else Gemma4ForCausalLM).from_pretrained(
+        tpath, dtype=torch.float32, attn_implementation='eager').eval()
+    lm = target.model.language_model if multimodal else target.model
+    text = Gemma4TextConfig(**{**COMMON, 'hidden_size': 24, 'intermediate_size': 40,
+                               'num_attention_heads': 4, 'num_hidden_layers': 3,
+                               'layer_types': ['sliding_attention', 'sliding_attention',
+                                               'full_attention'],
+                               'vocab_size_per_layer_input': 0, **spec['text']})
+    config = Gemma4AssistantConfig(
+        text_config=text.to_dict(), backbone_hidden_size=COMMON['hidden_size'],
+        use_ordered_embeddings=spec['use_ordered_embeddings'],
+        **{k: spec[k] for k in ('num_centroids', 'centroid_intermediate_top_k') if k in spec})
+    model = Gemma4AssistantForCausalLM(config)
+    gen = torch.Generator().manual_seed(200 + seed)
+    _perturb(model, gen)
+    if spec['use_ordered_embeddings']:
+      with torch.no_grad():
+        model.masked_embedding.token_ordering.copy_(torch.randperm(VOCAB, generator=gen))
+    path = out_dir / name
+    if path.exists():
+      shutil.rmtree(path)
+    model.to(torch.bfloat16).save_pretrained(path)
+    (path / 'generation_config.json').unlink(missing_ok=True)
+    ref = Gemma4AssistantForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                     attn_implementation='eager').eval()
+    seqs = json.loads((tpath / 'hf_outputs.json').read_text())['cases']
+    cases = []
+    for c in seqs:
+      seq = c['prompt_ids'] + c['greedy_ids']
+      for n in [n for n in PREFIX_LENGTHS if n <= len(seq)]:
+        ids = torch.tensor([seq[:n - 1]])
+        with torch.no_grad():
+          out = lm(input_ids=ids, output_hidden_states=True, return_shared_kv_states=True)
+          h = out.hidden_states[-1][:, -1:]
+          # The generator's seed state is the final-normed hidden state.
+          assert torch.equal(h, out.last_hidden_state[:, -1:])
+          kv = dict(out.shared_kv_states)
+          token = torch.tensor([[seq[n - 1]]])
+          drafts, top_ids, top_logits = [], [], []
+          for _ in range(DRAFT_STEPS):
+            x = torch.cat([lm.embed_tokens(token), h], dim=-1)
+            o = ref(inputs_embeds=x, attention_mask=torch.ones(1, n, dtype=torch.long),
+                    position_ids=torch.tensor([[n - 1]]), shared_kv_states=kv, use_cache=False)
+            logits = o.logits[0, 0].numpy()
+            token, h = o.logits.argmax(-1), o.last_hidden_state
+            order = np.argsort(-logits)[:TOP]
+            drafts.append(int(token))
+            top_ids.append(order.tolist())
+            top_logits.append(np.round(logits[order], 6).tolist())
+        cases.append(dict(tokens=seq[:n], drafts=drafts, top_ids=top_ids, top_logits=top_logits))
+      print(name, len(seq), [x['drafts'] for x in cases if len(x['tokens']) <= len(seq)][-3:],
+            file=sys.stderr)
+    fixture = dict(
+        about=(f'HF transformers Gemma4AssistantForCausalLM ({name}) drafting for the '
+               f'{spec["target"]} target: for each `tokens` (the last one pending), the '
+               'target run on tokens[:-1], then the assistant called directly for '
+               f'{DRAFT_STEPS} greedy steps at position len(tokens) - 1. Written by '
+               'tools/make_hf_gemma4_checkpoints.py.'),
+        versions=dict(torch=torch.__version__, transformers=transformers.__version__),
+        target=spec['target'], draft_steps=DRAFT_STEPS, cases=cases)
+    (path / 'hf_outputs.json').write_text(json.dumps(fixture) + '\n')
+    size = sum(f.stat().st_size for f in path.iterdir())
+    print('wrote', path, f'{size / 1024:.0f} KiB', file=sys.stderr)
+
+
 def outer():
   py = VENV / 'bin' / 'python'
   if not py.exists():
@@ -155,5 +256,6 @@ if __name__ == '__main__':
   args = parser.parse_args()
   if args.inner:
     inner(args.inner)
+    inner_assistants(args.inner)
   else:
     outer()

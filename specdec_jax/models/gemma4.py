@@ -180,6 +180,11 @@ def _dense_init(fan_in):
 class Attention(nn.Module):
   config: Gemma4Config
   layer: int
+  # The assistant drafter's layers (models/gemma4_assistant.py): queries at
+  # the pending token's position q read only the target's keys at positions
+  # < q, all of them on full layers and q-1-W .. q-1 on sliding ones
+  # (transformers' bidirectional window |q' - k'| <= W over the kv flipped).
+  cross: bool = False
 
   @nn.compact
   def __call__(self, x, positions, cache_kv, shared_kv, cached: bool):
@@ -224,11 +229,13 @@ class Attention(nn.Module):
     else:
       kv = shared_kv
     window = None if cfg.is_global[i] else cfg.sliding_window
+    if self.cross and window is not None:
+      window += 2          # strictly below q and at most W + 1 back: k > q - (W + 2)
     if cached:
       keys, values, key_pos = visible_slots(kv[0], kv[1], positions, window)
     else:
       keys, values, key_pos = kv[0], kv[1], positions
-    out = attend(q, keys, values, positions, key_pos, window)          # [B, T, N * H]
+    out = attend(q, keys, values, positions, key_pos, window, strict=self.cross)   # [B, T, N * H]
     return linear(out, w_out), kv
 
 
@@ -248,13 +255,14 @@ class MLP(nn.Module):
 class Block(nn.Module):
   config: Gemma4Config
   layer: int
+  cross: bool = False    # see Attention.cross
 
   @nn.compact
   def __call__(self, x, positions, ple, cache_kv, shared_kv, cached: bool):
     """x [B, T, D]; ple [B, T, P] (this layer's per-layer input) or None."""
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.norm_eps, name=name)
-    h, kv = Attention(cfg, self.layer, name='attn')(
+    h, kv = Attention(cfg, self.layer, self.cross, name='attn')(
         norm('pre_attn_norm')(x), positions, cache_kv, shared_kv, cached)
     x = x + norm('post_attn_norm')(h)
     h = MLP(cfg, cfg.mlp_dim(self.layer), name='mlp')(norm('pre_ffw_norm')(x))
