@@ -451,6 +451,10 @@ def run(c) -> dict:
     if old.get('format') != FORMAT or old.get('layout_version') != LAYOUT_VERSION:
       raise UserError(f'shard folder {folder} holds feature layout {old.get("layout_version")!r} '
                       f'of {old.get("format")!r}; this code writes layout {LAYOUT_VERSION}')
+    if old.get('data_digest') != identity['data_digest'] and old.get('data') == identity['data']:
+      raise UserError(f'shard folder {folder} was written from other files under the same data '
+                      'patterns (names or sizes differ: another Python or corpus version?); '
+                      'the prompt stream would change: use another folder')
     shards.check_identity(folder, manifest, identity)
     shards.check_sizes(folder, manifest)
   entries = manifest['shards']

@@ -100,16 +100,8 @@ def check_sizes(folder: pathlib.Path, manifest: Dict) -> None:
 
 
 def read(folder: pathlib.Path, entry: Dict, keys=None) -> Dict[str, np.ndarray]:
-  """A listed shard's arrays after checking its size and sha256."""
-  p = pathlib.Path(folder) / entry['file']
-  try:
-    data = p.read_bytes()
-  except OSError as e:
-    raise UserError(f'shard {p} cannot be read ({e.strerror or e})') from None
-  if len(data) != entry['bytes'] or hashlib.sha256(data).hexdigest() != entry['sha256']:
-    raise UserError(f'shard {p} is corrupt or truncated (size or sha256 differs from '
-                    f'{MANIFEST}); delete it and the entries after it, or the folder')
-  with np.load(io.BytesIO(data), allow_pickle=False) as z:
+  """A listed shard's arrays, read into memory after `verify`."""
+  with np.load(verify(folder, entry), allow_pickle=False) as z:
     return {k: z[k] for k in (keys or z.files)}
 
 

@@ -319,3 +319,38 @@ def test_sigkill_then_resume(tmp_path):
   assert got['prompt_index'].tolist() == list(range(n))
   for k in ('tokens', 'lengths', 'labels', 'source', 'greedy'):
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_other_data_files_refused(full, tmp_path):
+  folder = tmp_path / 'f'
+  shutil.copytree(full, folder)
+  m = json.loads((folder / 'manifest.json').read_text())
+  m['identity']['data_digest'] = '0' * 16
+  (folder / 'manifest.json').write_text(json.dumps(m))
+  with pytest.raises(UserError, match='other files under the same data patterns'):
+    jobs.run(config(folder, max_prompts=64))
+
+
+def test_training_resume_ignores_shards_added_since(full, tmp_path):
+  """A training run stopped at a checkpoint resumes on the shards it started
+  with while the data job keeps appending: it ends as an uninterrupted run."""
+  from configs import train_mtp
+  data = tmp_path / 'data'
+  shutil.copytree(full, data)
+
+  def cfg(work, **kw):
+    c = train_mtp.get_config('tiny')
+    c.shards, c.steps, c.batch_size, c.warmup_steps = str(data), 4, 4, 1
+    c.eval_every = c.checkpoint_every = 2
+    c.eval_rows, c.log_every, c.heldout_fraction = 8, 1, 0.2
+    c.workdir, c.output = str(work), ''
+    for k, v in kw.items():
+      c[k] = v
+    return c
+  want = jobs.run(cfg(tmp_path / 'w1'))
+  assert jobs.run(cfg(tmp_path / 'w2', stop_at_step=2))['stopped_at'] == 2
+  jobs.run(config(data, max_prompts=64))                      # a 4th shard appears
+  assert len(shards.load_manifest(data)['shards']) == 4
+  got = jobs.run(cfg(tmp_path / 'w2'))
+  assert got['train_windows'] == want['train_windows']
+  assert got['heldout'] == want['heldout']
