@@ -1,10 +1,11 @@
 """Target models by name: the real Gemma 3 270M, a tiny random model, a
-target trained from scratch, or a local Hugging Face checkpoint folder."""
+target trained from scratch, a local Hugging Face checkpoint folder, or a
+Gemma 3 orbax checkpoint of the `gemma` library."""
 import dataclasses
 import importlib.util
 import pathlib
 import sys
-from typing import Any, Optional
+from typing import Any
 
 import jax
 
@@ -22,18 +23,21 @@ HF_MODEL_TYPES = {'gemma3_text': 'hf_gemma3', 'gemma3': 'hf_gemma3',
 
 
 def check_model_name(name: str) -> None:
-  """UserError unless `name` is a known target, a trained target folder or a
-  Hugging Face checkpoint folder (one with config.json)."""
+  """UserError unless `name` is a known target, a trained target folder, a
+  Hugging Face checkpoint folder (one with config.json) or a Gemma 3 orbax
+  checkpoint of the `gemma` library."""
   from specdec_jax import target_training
+  from specdec_jax.loaders.orbax_gemma import is_orbax_dir
   from specdec_jax.loaders.safetensors_folder import is_hf_folder
-  if name in TARGETS or target_training.is_target_dir(name) or is_hf_folder(name):
+  if (name in TARGETS or target_training.is_target_dir(name) or is_hf_folder(name)
+      or is_orbax_dir(name)):
     return
   if pathlib.Path(name).expanduser().is_dir():
     raise UserError(f'{name}: no config.json (a Hugging Face checkpoint folder) nor '
                     'target.json (a trained target folder)')
   raise UserError(f'unknown model {name!r}; choose one of {", ".join(TARGETS)}, '
-                  'a trained target folder (one with target.json) or a Hugging Face '
-                  'checkpoint folder (one with config.json)')
+                  'a trained target folder (one with target.json), a Hugging Face '
+                  'checkpoint folder (one with config.json) or a Gemma 3 orbax checkpoint')
 
 
 @dataclasses.dataclass
@@ -54,7 +58,6 @@ def load_hf_folder(path, *, param_dtype: str, dtype: str, sharding=None):
   """(config, params on device, tokenizer or None) for a HF checkpoint folder,
   by its config.json's model_type. `sharding`: a per-leaf sharding function
   (loaders.placement); each tensor is placed as it is read."""
-  from specdec_jax.loaders import placement
   from specdec_jax.loaders.safetensors_folder import open_hf_folder
   folder = open_hf_folder(path)
   module = HF_MODEL_TYPES.get(folder.model_type)
@@ -71,21 +74,28 @@ def load_hf_folder(path, *, param_dtype: str, dtype: str, sharding=None):
   else:
     print(f'{folder.model_type} weights: use is subject to their license (see the '
           'checkpoint\'s model card)', file=sys.stderr)
+  _print_param_memory(params, param_dtype, tok)
+  return cfg, params, tok
+
+
+def _print_param_memory(params, param_dtype, tok) -> None:
+  from specdec_jax.loaders import placement
   n = sum(x.size for x in jax.tree_util.tree_leaves(params))
   print(f'target params: {n / 1e6:.1f}M parameters, '
         f'{placement.param_bytes(params) / 2**20:.1f} MiB ({param_dtype} matrices, '
         f'float32 norms){"" if tok else "; no tokenizer: prompt_ids prompts only"}',
         file=sys.stderr)
-  return cfg, params, tok
 
 
 def load_target(name: str, *, gguf: str = '', param_dtype: str = 'float32',
                 dtype: str = 'float32', seed: int = 0, sharding=None) -> Target:
   """'gemma3_270m': the packaged GGUF (or `gguf`); 'tiny': random weights, byte
   tokenizer; the folder of a target trained from scratch (target_training.py);
-  or a local Hugging Face checkpoint folder (config.json + safetensors: Gemma 3
-  and Gemma 4, see `HF_MODEL_TYPES`), read tensor by tensor and placed as read
-  (`sharding`: a per-leaf function, see loaders/placement.py; HF folders only).
+  a local Hugging Face checkpoint folder (config.json + safetensors: Gemma 3
+  and Gemma 4, see `HF_MODEL_TYPES`); or a Gemma 3 orbax checkpoint of the
+  `gemma` library (loaders/orbax_gemma.py). Checkpoints are read tensor by
+  tensor and placed as read (`sharding`: a per-leaf function, see
+  loaders/placement.py; checkpoint folders only).
   Its tokenizer may be None (a folder with neither tokenizer.model nor
   tokenizer.json).
 
@@ -94,6 +104,7 @@ def load_target(name: str, *, gguf: str = '', param_dtype: str = 'float32',
   the exact float32 model.
   """
   from specdec_jax import precision, target_training
+  from specdec_jax.loaders.orbax_gemma import is_orbax_dir
   from specdec_jax.loaders.safetensors_folder import is_hf_folder
   param_dtype, dtype, why = precision.resolve(param_dtype, dtype)
   if target_training.is_target_dir(name):
@@ -112,6 +123,14 @@ def load_target(name: str, *, gguf: str = '', param_dtype: str = 'float32',
   elif is_hf_folder(name):
     cfg, params, tok = load_hf_folder(name, param_dtype=param_dtype, dtype=dtype,
                                       sharding=sharding)
+    return Target(name, cfg, params, tok,
+                  precision=f'weights {param_dtype}, activations {dtype}: {why}')
+  elif is_orbax_dir(name):
+    from specdec_jax.loaders import orbax_gemma
+    cfg, params, tok = orbax_gemma.load(name, param_dtype=param_dtype, dtype=dtype,
+                                        sharding=sharding)
+    _gemma_terms_notice('https://ai.google.dev/gemma/terms')
+    _print_param_memory(params, param_dtype, tok)
     return Target(name, cfg, params, tok,
                   precision=f'weights {param_dtype}, activations {dtype}: {why}')
   elif name == 'tiny':

@@ -1,7 +1,10 @@
-"""Checkpoint loaders, one module per file format (and per architecture's names).
+"""Checkpoint loaders: the only code that knows checkpoint file formats.
 
 - `safetensors_folder`: a local Hugging Face folder (config.json + *.safetensors,
   sharded or not), read lazily tensor by tensor.
-- `hf_gemma3`: Gemma 3 (text, or the text part of a multimodal checkpoint) from
-  such a folder into our `ModelConfig` and params tree.
+- `hf_gemma3`, `hf_gemma4`: such a folder's Gemma 3 / Gemma 4 (text, or the
+  text part of a multimodal checkpoint) into our config and params tree.
+- `orbax_gemma`: Gemma 3 in the `gemma` library's orbax layout.
+- `hf_tokenizer`: tokenizer.model, else tokenizer.json, else None.
+- `placement`: each tensor converted and placed (sharded) as it is read.
 """
