@@ -2,6 +2,7 @@
 
     python -m experiments.run --config=configs/ablate.py:quick      # ~13 min here
     python -m experiments.run --config=configs/ablate.py            # the paper sweep (TPU)
+    python -m experiments.run --config=configs/ablate.py:dynamic    # issue #17's table
     python -m experiments.run --config=configs/ablate.py:batch
     python -m experiments.run --config=configs/ablate.py:drafter_size
     python -m experiments.run --config=configs/ablate.py:tiny       # random tiny model, seconds
@@ -23,6 +24,9 @@ Variants:
   quick         k 2,4,8 x ngram, mtp x T 0, 1.0 on code, prose, chat, 2 prompts x 32
                 tokens per domain: 13.4 min on this 2-core CPU (docs/BENCHMARKS.md).
                 Adding heads (--config.drafters=ngram,mtp,heads) adds ~3 min.
+  dynamic       mtp, ngram at k 2,4,8, fixed and with the dynamic draft-length
+                policy (points '<drafter> dynamic', drafting at most k) x T 0, 1.0 on
+                code, prose, chat, 4 prompts x 64 tokens per domain.
   batch         batch 1, 4, 16 at k=4, greedy: how the gain shrinks as the verify
                 pass stops being memory-bound (16 prompts per domain).
   drafter_size  drafters from 0 parameters (ngram) through the trained 3.6M mtp and
@@ -65,6 +69,14 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.batch_sizes = '1'
   c.max_ngram = 3
   c.min_ngram = 1                     # ngram: shorter matches abstain (an AR step)
+  # Fixed k and / or the dynamic draft-length policy (specdec_jax/policy.py),
+  # whose points are labelled '<drafter> dynamic' and draft at most k.
+  c.dynamic = 'false'                 # 'false', 'true' or 'false,true'
+  c.policy_ks = ''                    # dynamic: lengths it may choose ('' = 1, 2, 4, ... k)
+  c.costs = ''                        # dynamic: '' = measured once per program (cached)
+  c.confidence_threshold = 0.4
+  c.acceptance_prior = 0.6
+  c.acceptance_decay = 0.7
   arg = arg or 'full'
   if arg == 'full':
     pass
@@ -75,6 +87,15 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     c.temperatures = '0,1.0'
     c.prompts_per_domain = 2
     c.max_new_tokens = 32
+  elif arg == 'dynamic':
+    # Issue #17: the policy vs fixed k, greedy and T = 1, every domain.
+    c.output = 'outputs/ablate_dynamic'
+    c.drafters = 'mtp,ngram'
+    c.draft_lens = '2,4,8'
+    c.dynamic = 'false,true'
+    c.temperatures = '0,1.0'
+    c.prompts_per_domain = 4
+    c.max_new_tokens = 64
   elif arg == 'batch':
     c.output = 'outputs/ablate_batch'
     c.drafters = 'ngram,mtp,heads'
@@ -97,5 +118,5 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     c.max_prompt_len = 24
     c.max_new_tokens = 12
   else:
-    raise ValueError(f'unknown variant {arg!r}: use quick, batch, drafter_size or tiny')
+    raise ValueError(f'unknown variant {arg!r}: use quick, dynamic, batch, drafter_size or tiny')
   return c

@@ -36,7 +36,17 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   # auto = the trained MTP drafter shipped for the model (Gemma 3 270M), else none
   c.drafter = 'auto'          # auto | none (plain autoregressive) | ngram | draft_model | mtp | heads
   c.drafter_checkpoint = ''   # mtp / heads: a trained drafter's folder; '' = the shipped one
-  c.draft_len = 4             # k: tokens drafted per round
+  c.draft_len = 4             # k: tokens drafted per round (dynamic: the most it may draft)
+  # Dynamic draft length (specdec_jax/policy.py): each round drafts 0 (a plain
+  # step) or one of policy_ks tokens, from measured costs and each row's
+  # recent acceptance; a row offers its drafts while the drafter's confidence
+  # stays >= confidence_threshold. dynamic=false: always draft_len (ablations).
+  c.dynamic = True
+  c.policy_ks = ''            # e.g. '1,2,4'; '' = 1, 2, 4, ... up to draft_len (0 is always allowed)
+  c.costs = ''                # round cost per length (0 first) in plain steps; '' = measure once (cached)
+  c.confidence_threshold = 0.4
+  c.acceptance_prior = 0.6    # acceptance rate assumed before a row has evidence
+  c.acceptance_decay = 0.7    # per-round discount of each row's acceptance counts
   c.max_ngram = 3             # ngram: longest suffix matched
   c.min_ngram = 1             # ngram: shorter matches abstain (the round is an AR step)
   c.draft_model = 'tiny'      # draft_model: 'tiny' (random 2-layer Gemma) | 'target' (itself)

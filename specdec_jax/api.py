@@ -45,6 +45,7 @@ class Result:
   acceptance_by_position: List[float]
   devices: int
   parallel: str
+  policy: Optional[dict] = None   # dynamic draft length: lengths, costs, rounds by length
 
   @property
   def tokens_per_second(self) -> float:
@@ -94,16 +95,29 @@ def load_drafter(target: Target, kind: str, *, draft_len: int = 4, checkpoint: s
 def generate(target: Target, prompts: Sequence[Union[str, Sequence[int]]], *,
              drafter: Optional[Drafter] = None, max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             parallel: str = 'auto') -> Result:
+             parallel: str = 'auto', dynamic: bool = True, policy_ks: str = '',
+             costs: Union[str, Sequence[float]] = '', confidence_threshold: float = 0.4,
+             acceptance_prior: float = 0.6, acceptance_decay: float = 0.7) -> Result:
+  """With a drafter, `dynamic` (the default) lets each round choose its draft
+  length up to the drafter's (policy.py; `costs` '' = measured once here and
+  cached); dynamic=False always drafts the drafter's draft_len."""
+  from specdec_jax import policy as policy_lib
   from specdec_jax import runs
   cfg, tok = target.config, target.tokenizer
   ids = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
   n_dev = jax.local_device_count()
   batch_size = -(-len(ids) // n_dev) * n_dev if parallel in ('auto', 'pmap') else len(ids)
+  pol = knobs = None
+  if drafter is not None and dynamic:
+    pol, knobs, _ = runs.make_policy(
+        target, drafter.drafter, drafter.params, ids, policy_ks=policy_ks, costs=costs,
+        threshold=confidence_threshold, prior=acceptance_prior, decay=acceptance_decay,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
+        top_k=top_k, top_p=top_p, seed=seed)
   run = runs.Run.build(target, drafter and drafter.drafter, drafter.params if drafter else None,
                        longest_prompt=max(map(len, ids)), max_new_tokens=max_new_tokens,
                        batch_size=batch_size, temperature=temperature, top_k=top_k, top_p=top_p,
-                       parallel=parallel)
+                       parallel=parallel, policy=pol, policy_params=knobs)
   k, runner = run.draft_len, run.runner
   batch = run.batch(ids, runs.row_keys(seed, range(len(ids))))
   state, seconds = run(batch)
@@ -117,4 +131,7 @@ def generate(target: Target, prompts: Sequence[Union[str, Sequence[int]]], *,
                 new_tokens=sum(r['new_tokens'] for r in rows), target_calls=calls,
                 seconds=seconds, compile_seconds=compile_s,
                 acceptance_by_position=[float(a) / max(draft_calls, 1) for a in accepted],
-                devices=runner.num_devices, parallel=runner.mode)
+                devices=runner.num_devices, parallel=runner.mode,
+                policy=None if pol is None else {
+                    **policy_lib.summary(pol, runs.local(state).policy),
+                    'costs': [round(x, 4) for x in knobs.costs.tolist()]})

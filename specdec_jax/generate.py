@@ -292,15 +292,17 @@ class Generator:
         state)
 
   def _dynamic_step(self, params, drafter_params, state):
-    """One round whose draft length the policy picks (policy.py): plan from
-    each row's past acceptance, draft, let each row offer its confident
-    drafts, verify at the smallest compiled length covering the offers."""
+    """One round whose draft length the policy picks (policy.py): each row
+    plans from its past acceptance, the batch drafts the longest plan, each
+    row offers its confident drafts up to its own plan, and the verify pass
+    runs at the smallest compiled length covering the offers."""
     pol, ps = self.policy, state.policy
     K, B = self.draft_len, state.tokens.shape[0]
     live = ~state.done
     can = (self.drafter.has_draft(state.tokens, state.lengths)
            if hasattr(self.drafter, 'has_draft') else jnp.ones((B,), bool))
-    plan = policy_lib.plan(pol, ps, live, can, state.batch.limits - state.lengths)
+    row_plan = policy_lib.plan(pol, ps, live, can, state.batch.limits - state.lengths)  # [B]
+    plan = jnp.max(row_plan)                                  # the batch drafts the longest
     V = self.config.vocab_size
 
     def draft_branch(k):
@@ -315,8 +317,7 @@ class Generator:
       return f
 
     drafts, q, dstate, conf = jax.lax.switch(plan, [draft_branch(k) for k in pol.ks])
-    offered = policy_lib.offers(conf, ps.params.threshold, jnp.asarray(pol.ks)[plan],
-                                live & can)
+    offered = policy_lib.offers(conf, ps.params.threshold, jnp.asarray(pol.ks)[row_plan])
     j = policy_lib.verify_index(pol, offered)
 
     def verify_branch(k):

@@ -27,6 +27,7 @@ import numpy as np
 
 from specdec_jax import config as config_lib
 from specdec_jax import drafters, outputs, precision, runs
+from specdec_jax import policy as policy_lib
 from specdec_jax.errors import UserError
 from specdec_jax.measure import median_seconds
 from specdec_jax.model import init_params
@@ -67,6 +68,7 @@ def validate(c) -> None:
     raise UserError(f'unknown draft_model {c.draft_model!r}; choose one of {", ".join(DRAFT_MODELS)}')
   if not 1 <= c.min_ngram <= c.max_ngram:
     raise UserError(f'need 1 <= min_ngram <= max_ngram, got {c.min_ngram} and {c.max_ngram}')
+  validate_policy(c)
   if c.parallel not in PARALLEL:
     raise UserError(f'unknown parallel mode {c.parallel!r}; choose one of {", ".join(PARALLEL)}')
   if c.num_devices < 0:
@@ -93,6 +95,28 @@ def validate(c) -> None:
                     'is a position); lower ' + ('them' if k else 'it'))
   if c.cache_size and context and c.cache_size > context:
     raise UserError(f'cache_size={c.cache_size} exceeds the model context {context}')
+
+
+def validate_policy(c) -> None:
+  """The dynamic draft-length settings (policy.py), one error line each."""
+  if not c.get('dynamic', False):
+    return
+  ks = policy_lib.parse_ks(c.policy_ks, c.draft_len)
+  costs = runs.parse_costs(c.costs)
+  policy_lib.check(costs or [1.0] * len(ks), c.confidence_threshold, c.acceptance_prior,
+                   c.acceptance_decay, ks if costs else None)
+
+
+def make_policy(c, target, drafter, drafter_params, prompts):
+  """runs.make_policy from the config: (DraftPolicy, PolicyParams, source)."""
+  if drafter is None or not c.get('dynamic', False):
+    return None, None, None
+  return runs.make_policy(target, drafter, drafter_params, prompts, policy_ks=c.policy_ks,
+                          costs=c.costs, threshold=c.confidence_threshold,
+                          prior=c.acceptance_prior, decay=c.acceptance_decay,
+                          max_new_tokens=c.max_new_tokens, batch_size=c.batch_size,
+                          cache_size_=c.cache_size, temperature=c.temperature, top_k=c.top_k,
+                          top_p=c.top_p, seed=c.seed)
 
 
 def read_prompts(path: str) -> List[dict]:
@@ -185,6 +209,10 @@ def settings(c, rows) -> dict:
            prompts=hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest())
   if kind != 'none':
     s['draft_len'] = c.draft_len
+    if c.get('dynamic', False):    # the policy changes which drafts are offered
+      s.update(dynamic=True, policy_ks=list(policy_lib.parse_ks(c.policy_ks, c.draft_len)),
+               confidence_threshold=c.confidence_threshold, costs=str(c.costs),
+               acceptance_prior=c.acceptance_prior, acceptance_decay=c.acceptance_decay)
   if kind in ('mtp', 'heads'):
     path = c.drafter_checkpoint or shipped_drafter(c.model, kind)
     s['drafter_weights'] = path and outputs.file_digest(pathlib.Path(path) / 'drafter.json')
@@ -243,13 +271,17 @@ def run(c) -> dict:
     prompts.append(ids)
   drafter, drafter_params = make_drafter(c, target)
   k = 0 if drafter is None else c.draft_len
+  t = time.perf_counter()
+  pol, knobs, costs_source = make_policy(c, target, drafter, drafter_params, prompts)
+  policy_seconds = time.perf_counter() - t
   # Sized from every prompt, done or not: a resumed run compiles what the
   # uninterrupted one did.
   run_ = runs.Run.build(target, drafter, drafter_params,
                         longest_prompt=max(len(p) for p in prompts),
                         max_new_tokens=c.max_new_tokens, batch_size=c.batch_size,
                         temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
-                        parallel=c.parallel, num_devices=c.num_devices, cache_size_=c.cache_size)
+                        parallel=c.parallel, num_devices=c.num_devices, cache_size_=c.cache_size,
+                        policy=pol, policy_params=knobs)
   gen, runner, cache_size = run_.gen, run_.runner, run_.cache_size
   kept = sum(done)
   todo = [j for j, d in zip(jobs, done) if not d]
@@ -259,6 +291,7 @@ def run(c) -> dict:
   new_tokens = target_calls = draft_calls = 0
   verify_rounds = 0
   accepted_total = np.zeros(k, np.int64)
+  planned = verified_by_len = 0
   try:
     for start in range(0, len(todo), c.batch_size):
       chunk = todo[start:start + c.batch_size]
@@ -273,6 +306,10 @@ def run(c) -> dict:
       state = runs.local(state)
       # pmap returns one loop counter per device: the batch took the longest.
       rounds, verified = int(np.max(state.step)), int(np.max(state.verify_rounds))
+      if pol is not None:
+        n = len(pol.ks)
+        planned = planned + np.asarray(state.policy.planned).reshape(-1, n).sum(0)
+        verified_by_len = verified_by_len + np.asarray(state.policy.verified).reshape(-1, n).sum(0)
       total_rounds += rounds
       verify_rounds += verified
       results = run_.completions(state)
@@ -293,13 +330,23 @@ def run(c) -> dict:
     if out is not None:
       out.close()
   compile_seconds = run_.compile_seconds
+  policy_summary = None
+  if pol is not None:
+    counts = policy_lib.PolicyState.init(knobs, 1).replace(planned=np.asarray(planned),
+                                                             verified=np.asarray(verified_by_len))
+    policy_summary = {
+        **policy_lib.summary(pol, counts),   # rounds by drafted / verified length (0: plain steps)
+        'costs': [round(x, 4) for x in knobs.costs.tolist()],
+        'costs_from': costs_source, 'costs_seconds': round(policy_seconds, 3),
+        'confidence_threshold': c.confidence_threshold,
+        'acceptance_prior': c.acceptance_prior, 'acceptance_decay': c.acceptance_decay}
   return {
       'model': c.model, 'drafter': resolve_drafter(c), 'output': str(c.output),
       'prompts': len(prompts), 'samples': len(jobs), 'batch_size': c.batch_size,
       'resumed': kept, 'generated': len(todo), 'processes': jax.process_count(),
       'new_tokens': new_tokens, 'target_calls': target_calls, 'draft_calls': draft_calls,
       'mean_accepted_per_call': round(new_tokens / max(target_calls, 1), 4),
-      'draft_len': k,
+      'draft_len': k, 'dynamic': pol is not None, 'policy': policy_summary,
       'acceptance_by_position': [round(float(a) / max(draft_calls, 1), 4) for a in accepted_total],
       'parallel': runner.mode, 'devices': runner.num_devices,
       'tokens_per_second': round(new_tokens / gen_seconds, 3) if gen_seconds else 0.0,

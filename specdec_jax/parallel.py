@@ -64,7 +64,9 @@ def param_sharding(params, mesh: Mesh):
 
 
 def make_runner(gen, params, drafter_params, *, mode: str, num_devices: int,
-                batch_size: int) -> Runner:
+                batch_size: int, policy_params=None) -> Runner:
+  """policy_params: the draft-length policy's knobs (arrays, replicated),
+  with a Generator that has a policy."""
   devices = _devices(num_devices)
   n = len(devices)
   if jax.process_count() > 1:
@@ -79,41 +81,43 @@ def make_runner(gen, params, drafter_params, *, mode: str, num_devices: int,
   if mode == 'auto':
     mode = 'pmap' if n > 1 and batch_size % n == 0 else 'none'
   if mode == 'none':
-    return Runner('none', 1, lambda batch: _compile_single(gen, params, drafter_params, batch))
+    return Runner('none', 1, lambda batch: _compile_single(gen, params, drafter_params, batch,
+                                                           policy_params))
   if mode == 'pmap':
     if batch_size % n:
       raise UserError(f'batch_size={batch_size} is not divisible by the {n} devices (pmap)')
-    return _pmap_runner(gen, params, drafter_params, devices)
-  return _mesh_runner(gen, params, drafter_params, devices, batch_size)
+    return _pmap_runner(gen, params, drafter_params, devices, policy_params)
+  return _mesh_runner(gen, params, drafter_params, devices, batch_size, policy_params)
 
 
-def _compile_single(gen, params, drafter_params, batch):
-  prefill = gen.prefill.lower(gen, params, batch, drafter_params).compile()
-  state = jax.eval_shape(lambda: prefill(params, batch, drafter_params))
+def _compile_single(gen, params, drafter_params, batch, pp):
+  prefill = gen.prefill.lower(gen, params, batch, drafter_params, pp).compile()
+  state = jax.eval_shape(lambda: prefill(params, batch, drafter_params, pp))
   decode = gen.decode.lower(gen, params, state, drafter_params).compile()
-  return lambda b: decode(params, prefill(params, b, drafter_params), drafter_params)
+  return lambda b: decode(params, prefill(params, b, drafter_params, pp), drafter_params)
 
 
-def _pmap_runner(gen, params, drafter_params, devices):
+def _pmap_runner(gen, params, drafter_params, devices, pp):
   n = len(devices)
   shard = lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:])
   unshard = lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:]) if x.ndim >= 2 else x
 
-  def per_shard(p, b, dp):
-    return gen.decode(p, gen.prefill(p, b, dp), dp)
+  def per_shard(p, b, dp, pp):
+    return gen.decode(p, gen.prefill(p, b, dp, pp), dp)
 
   # Params are broadcast (in_axes=None): pmap places a copy on each device.
-  mapped = jax.pmap(per_shard, in_axes=(None, 0, None), devices=devices)
+  mapped = jax.pmap(per_shard, in_axes=(None, 0, None, None), devices=devices)
 
   def compile(batch):
     sharded = jax.tree.map(shard, batch)
-    fn = mapped.lower(params, sharded, drafter_params).compile()
-    return lambda b: jax.tree.map(unshard, fn(params, jax.tree.map(shard, b), drafter_params))
+    fn = mapped.lower(params, sharded, drafter_params, pp).compile()
+    return lambda b: jax.tree.map(unshard, fn(params, jax.tree.map(shard, b), drafter_params,
+                                              pp))
 
   return Runner('pmap', n, compile)
 
 
-def _mesh_runner(gen, params, drafter_params, devices, batch_size):
+def _mesh_runner(gen, params, drafter_params, devices, batch_size, pp):
   n = len(devices)
   data = math.gcd(n, batch_size)
   mesh = Mesh(np.array(devices).reshape(data, n // data), ('data', 'model'))
@@ -121,7 +125,8 @@ def _mesh_runner(gen, params, drafter_params, devices, batch_size):
   dparams_s = (None if drafter_params is None else
                jax.device_put(drafter_params, param_sharding(drafter_params, mesh)))
   rows = NamedSharding(mesh, P('data'))
-  fn = jax.jit(lambda p, b, dp: gen.decode(p, gen.prefill(p, b, dp), dp))
+  fn = jax.jit(lambda p, b, dp, pp: gen.decode(p, gen.prefill(p, b, dp, pp), dp))
+  pp_s = None if pp is None else jax.device_put(pp, NamedSharding(mesh, P()))
 
   def put_rows(x):
     # Typed PRNG keys go as their raw data: a process can place only host
@@ -133,7 +138,7 @@ def _mesh_runner(gen, params, drafter_params, devices, batch_size):
 
   def compile(batch):
     put = lambda b: jax.tree.map(put_rows, b)
-    compiled = fn.lower(params_s, put(batch), dparams_s).compile()
-    return lambda b: compiled(params_s, put(b), dparams_s)
+    compiled = fn.lower(params_s, put(batch), dparams_s, pp_s).compile()
+    return lambda b: compiled(params_s, put(b), dparams_s, pp_s)
 
   return Runner(f'mesh(data={data},model={n // data})', n, compile)

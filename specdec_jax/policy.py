@@ -16,11 +16,12 @@ draft still passes through the rejection sampler):
    accepted and drafts tried; its acceptance rate alpha_b is their ratio,
    shrunk towards `prior`. A chain of k drafts then yields
    E_b(k) = 1 + alpha + ... + alpha^k tokens (capped by the row's remaining
-   budget), and the batch drafts the k in `ks` maximising
-   sum_b E_b(k) / cost(k), where cost(k) is the measured cost of a round with k
-   drafts (drafting + one verify pass over k + 1 tokens) in units of one
-   autoregressive step (cost(0) = 1). Rows that cannot draft (an abstaining
-   ngram row) count one token for any k. While a row takes plain steps its
+   budget), and the row plans the k in `ks` maximising E_b(k) / cost(k),
+   where cost(k) is the measured cost of a round with k drafts (drafting +
+   one verify pass over k + 1 tokens) in units of one autoregressive step
+   (cost(0) = 1). Rows that cannot draft (an abstaining ngram row) plan 0.
+   The batch drafts the longest plan; each row offers at most its own, so a
+   row's tokens do not depend on its batch. While a row takes plain steps its
    counts decay, so alpha returns to the prior and drafting is tried again.
 2. After drafting (the drafter's confidence): a row offers its leading drafts
    whose confidence is at least `threshold` (HF's
@@ -48,6 +49,7 @@ from typing import Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from specdec_jax.errors import UserError
@@ -138,7 +140,7 @@ class PolicyState:
   params: PolicyParams
   accepted: jax.Array    # [B] float32: discounted drafts accepted
   tried: jax.Array       # [B] float32: discounted drafts tried (accepted + first rejected)
-  planned: jax.Array     # [n] int32: rounds that drafted ks[i] tokens (0: none)
+  planned: jax.Array     # [n] int32: rounds whose batch drafted ks[i] tokens (0: none)
   verified: jax.Array    # [n] int32: rounds whose verify pass ran at ks[i] (0: plain steps)
 
   @classmethod
@@ -156,26 +158,29 @@ class PolicyState:
 
 
 def plan(policy: DraftPolicy, ps: PolicyState, live, can_draft, remaining):
-  """Index into ks of the draft length with the most expected tokens per unit
-  of cost. live, can_draft [B] bool; remaining [B] int32 tokens left per row."""
+  """[B] int32: each row's index into ks of the draft length with the most
+  expected tokens per unit of round cost, from its own history alone (0 for
+  rows that are done or cannot draft). live, can_draft [B] bool; remaining
+  [B] int32 tokens the row may still emit. The batch drafts the longest of
+  these; a row offers at most its own, so its output does not depend on
+  which rows share its batch (or device)."""
   ks = jnp.asarray(policy.ks, jnp.float32)                                # [n]
   a = ps.alpha()[:, None]                                                 # [B, 1]
   chain = (1.0 - a ** (ks[None, :] + 1.0)) / (1.0 - a)                    # [B, n]
   chain = jnp.minimum(chain, jnp.maximum(remaining, 1)[:, None].astype(jnp.float32))
-  per_row = jnp.where(can_draft[:, None], chain, 1.0) * live[:, None]     # [B, n]
-  value = jnp.sum(per_row, axis=0) / ps.params.costs                       # [n]
+  value = chain / ps.params.costs[None, :]                                # [B, n]
   # Ties go to the shorter length (argmax takes the first).
-  return jnp.argmax(value).astype(jnp.int32)
+  best = jnp.argmax(value, axis=1).astype(jnp.int32)
+  return jnp.where(live & can_draft, best, 0)
 
 
-def offers(conf, threshold, k_drafted, rows_ok):
+def offers(conf, threshold, row_k):
   """[B] drafts each row offers: its leading drafts with confidence >= the
-  threshold, within the k_drafted drafted; 0 where rows_ok is False.
+  threshold, at most row_k [B] (its own planned length; 0 = none).
   conf [B, K] (0 past the drafted length)."""
   K = conf.shape[1]
-  ok = (conf >= threshold) & (jnp.arange(K)[None, :] < k_drafted)
-  n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
-  return jnp.where(rows_ok, n, 0).astype(jnp.int32)
+  ok = (conf >= threshold) & (jnp.arange(K)[None, :] < row_k[:, None])
+  return jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
 
 
 def verify_index(policy: DraftPolicy, offered):
@@ -201,9 +206,11 @@ def update(ps: PolicyState, planned_idx, verify_idx, offered, n_accepted):
 
 
 def summary(policy: DraftPolicy, ps: PolicyState) -> dict:
-  """Rounds by drafted and by verified length, for the job summary."""
-  planned = [int(x) for x in jax.device_get(ps.planned)]
-  verified = [int(x) for x in jax.device_get(ps.verified)]
+  """Rounds by drafted and by verified length, for the job summary (pmap's
+  per-device counters are summed)."""
+  n = len(policy.ks)
+  count = lambda x: np.asarray(jax.device_get(x)).reshape(-1, n).sum(0).tolist()
+  planned, verified = count(ps.planned), count(ps.verified)
   return {'draft_lens': list(policy.ks),
           'rounds_by_drafted_len': dict(zip(map(str, policy.ks), planned)),
           'rounds_by_verified_len': dict(zip(map(str, policy.ks), verified)),
@@ -244,19 +251,13 @@ def measure_costs(gen, params, state, drafter_params, repeats: int = 7):
 
 
 def cost_key(*parts) -> str:
-  """A cache key for costs: the CPU / accelerator, jax, and what is compiled."""
+  """A cache key for costs: the device (CPU model and flags), jax, and what
+  is compiled (the Generator's repr holds the model, cache, drafter, ks)."""
+  from specdec_jax.precision import cpu_info
   dev = jax.devices()[0]
-  kind = getattr(dev, 'device_kind', dev.platform)
-  cpu = ''
-  if dev.platform == 'cpu':
-    try:
-      for line in open('/proc/cpuinfo'):
-        if line.startswith('model name'):
-          cpu = line.split(':', 1)[1].strip()
-          break
-    except OSError:
-      pass
-  text = json.dumps([kind, cpu, jax.__version__, [repr(p) for p in parts]])
+  name, flags = cpu_info() if dev.platform == 'cpu' else ('', ())
+  text = json.dumps([getattr(dev, 'device_kind', dev.platform), name, sorted(flags),
+                     jax.__version__, [repr(p) for p in parts]])
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

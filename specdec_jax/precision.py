@@ -32,6 +32,11 @@ _CACHE = pathlib.Path(os.environ.get('SPECDEC_CACHE',
                                      pathlib.Path.home() / '.cache' / 'specdec_jax'))
 
 
+def cache_dir() -> pathlib.Path:
+  """Where measured verdicts (this file's, policy.py's costs) are cached."""
+  return _CACHE
+
+
 def cpu_info() -> Tuple[str, frozenset]:
   """(model name, flags) from /proc/cpuinfo; ('', {}) where there is none."""
   try:

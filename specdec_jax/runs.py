@@ -25,7 +25,7 @@ import pathlib
 import sys
 import threading
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import jax
 import numpy as np
@@ -248,15 +248,19 @@ class Run:
   def build(cls, target, drafter=None, drafter_params=None, *, longest_prompt: int,
             max_new_tokens: int, batch_size: int, temperature: float = 0.0, top_k: int = 0,
             top_p: float = 1.0, parallel: str = 'none', num_devices: int = 0,
-            cache_size_: int = 0, draft_len: Optional[int] = None) -> 'Run':
+            cache_size_: int = 0, draft_len: Optional[int] = None, policy=None,
+            policy_params=None) -> 'Run':
     """`draft_len` sizes the cache's margin (default: the drafter's k); the
-    sweep passes its largest k so that all its points share one cache size."""
+    sweep passes its largest k so that all its points share one cache size.
+    `policy` / `policy_params`: the dynamic draft length (policy.py)."""
     cfg = target.config
     k = (drafter.draft_len if drafter is not None else 0) if draft_len is None else draft_len
     size = cache_size(longest_prompt, max_new_tokens, k, cfg.max_context, cache_size_)
-    gen = gen_lib.Generator(cfg, cache_size=size, greedy=temperature == 0, drafter=drafter)
+    gen = gen_lib.Generator(cfg, cache_size=size, greedy=temperature == 0, drafter=drafter,
+                            policy=policy)
     runner = parallel_lib.make_runner(gen, target.params, drafter_params, mode=parallel,
-                                      num_devices=num_devices, batch_size=batch_size)
+                                      num_devices=num_devices, batch_size=batch_size,
+                                      policy_params=policy_params)
     return cls(target, drafter, drafter_params, gen, runner, max_new_tokens, batch_size,
                temperature, top_k, top_p)
 
@@ -314,4 +318,64 @@ def local(state):
     fields, batch = multihost_utils.process_allgather((fields, batch), tiled=True)
   else:
     fields, batch = jax.tree.map(np.asarray, (fields, batch))
+  if state.policy is not None:
+    # Per-batch counters, the same on every process (pmap: one row per device).
+    host = lambda x: np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
+    fields['policy'] = state.policy.replace(planned=host(state.policy.planned),
+                                            verified=host(state.policy.verified))
   return state.replace(batch=state.batch.replace(**batch), **fields)
+
+
+# ----------------------------------------------------------------------------- policy
+
+def parse_costs(text) -> List[float]:
+  """'' -> [] (measure); '1,1.1,1.3' or a list -> floats (one per policy length)."""
+  if isinstance(text, (list, tuple)):
+    return [float(x) for x in text]
+  if text is None or not str(text).strip():
+    return []
+  try:
+    return [float(x) for x in str(text).replace(' ', '').split(',') if x]
+  except ValueError:
+    raise UserError(f'costs must be a comma-separated list of numbers, got {text!r}') from None
+
+
+def make_policy(target, drafter, drafter_params, prompts, *, policy_ks='', costs='',
+                threshold=0.4, prior=0.6, decay=0.7, max_new_tokens: int, batch_size: int,
+                cache_size_: int = 0, temperature=0.0, top_k=0, top_p=1.0, seed=0):
+  """(DraftPolicy, PolicyParams, where the costs came from) for a dynamic draft
+  length. Costs not given are measured once on this machine for this setup
+  (the first batch's shape; cached under precision.cache_dir()); with several
+  processes process 0 measures and broadcasts, so every process decides alike."""
+  from specdec_jax import policy as policy_lib
+  from specdec_jax import precision
+  k = drafter.draft_len
+  pol = policy_lib.DraftPolicy(policy_lib.parse_ks(policy_ks, k))
+  given, source = parse_costs(costs), 'config'
+  policy_lib.check(given or [1.0] * len(pol.ks), threshold, prior, decay,
+                   pol.ks if given else None)
+  if given:
+    values = given
+  else:
+    cfg = target.config
+    size = cache_size(max(map(len, prompts)), max_new_tokens, k, cfg.max_context, cache_size_)
+    gen = gen_lib.Generator(cfg, cache_size=size, greedy=temperature == 0, drafter=drafter,
+                            policy=pol)
+    first = sorted(prompts, key=len)[:batch_size]
+    batch = gen_lib.make_batch(first, batch_size=batch_size,
+                               bucket_len=min(gen_lib.bucket(max(map(len, first))), size),
+                               max_new_tokens=max_new_tokens,
+                               keys=row_keys(seed, list(range(len(first)))),
+                               temperature=temperature, top_k=top_k, top_p=top_p)
+    ones = policy_lib.PolicyParams.make([1.0] * len(pol.ks))
+    measure = lambda: policy_lib.measure_costs(
+        gen, target.params, gen.prefill(target.params, batch, drafter_params, ones),
+        drafter_params)
+    values, source = [1.0] * len(pol.ks), 'measured by process 0'
+    if is_writer():
+      key = policy_lib.cost_key(gen, batch.prompts.shape)
+      values, cached = policy_lib.cached_costs(key, measure, precision.cache_dir())
+      source = f'measured on this machine{" (cached)" if cached else ""}, key {key}'
+    values = (broadcast(np.round(np.asarray(values) * 1e6)) / 1e6).tolist()
+  return pol, policy_lib.PolicyParams.make(values, threshold, prior, decay), source
+

@@ -83,6 +83,14 @@ def parse_list(value, cast, name):
   return out
 
 
+def boolean(text) -> bool:
+  if str(text).lower() in ('true', '1', 'yes'):
+    return True
+  if str(text).lower() in ('false', '0', 'no'):
+    return False
+  raise ValueError(text)
+
+
 def parse(c):
   """The sweep's axes from the config, validated (nothing loaded yet)."""
   check_model_name(c.model)
@@ -92,7 +100,13 @@ def parse(c):
       drafters=parse_list(c.drafters, str, 'drafters'),
       draft_lens=parse_list(c.draft_lens, int, 'draft_lens'),
       temperatures=parse_list(c.temperatures, float, 'temperatures'),
-      batch_sizes=parse_list(c.batch_sizes, int, 'batch_sizes'))
+      batch_sizes=parse_list(c.batch_sizes, int, 'batch_sizes'),
+      dynamic=parse_list(c.get('dynamic', 'false'), boolean, 'dynamic'))
+  if len(set(ax['dynamic'])) != len(ax['dynamic']):
+    raise UserError('dynamic lists a value twice')
+  from specdec_jax import policy as policy_lib
+  policy_lib.check(runs.parse_costs(c.costs) or [1.0], c.confidence_threshold,
+                   c.acceptance_prior, c.acceptance_decay)
   for k in ax['draft_lens']:
     if k < 1:
       raise UserError(f'draft_lens: every k must be >= 1, got {k}')
@@ -250,18 +264,22 @@ class Runner:
     self.repeats = repeats
     self.programs = {}
 
-  def program(self, key, drafter, dparams, batch_size, greedy) -> runs.Run:
+  def program(self, key, drafter, dparams, batch_size, greedy, policy=None) -> runs.Run:
+    """policy: (DraftPolicy, PolicyParams) for a dynamic draft length."""
     if key not in self.programs:
+      pol, knobs = policy or (None, None)
       self.programs[key] = runs.Run.build(
           self.target, drafter, dparams, longest_prompt=self.longest,
           max_new_tokens=self.max_new, batch_size=batch_size, temperature=0.0 if greedy else 1.0,
-          draft_len=self.max_k)            # one cache size for every point
+          draft_len=self.max_k,            # one cache size for every point
+          policy=pol, policy_params=knobs)
     return self.programs[key]
 
-  def run(self, key, drafter, dparams, prompts, batch_size, temperature, seed):
-    """-> (rows: per prompt dict, last state, the Run)."""
-    run = self.program(key, drafter, dparams, batch_size, temperature == 0)
-    rows, state = [], None
+  def run(self, key, drafter, dparams, prompts, batch_size, temperature, seed, policy=None):
+    """-> (rows: per prompt dict, last state, the Run, the policy's rounds by
+    length summed over the batches, or None)."""
+    run = self.program(key, drafter, dparams, batch_size, temperature == 0, policy)
+    rows, state, counts = [], None, None
     for b, s in enumerate(range(0, len(prompts), batch_size)):
       idx = list(range(s, min(s + batch_size, len(prompts))))
       batch = run.batch([prompts[i] for i in idx], runs.row_keys(seed, idx),
@@ -271,6 +289,10 @@ class Runner:
         state, seconds = run(batch)
         times.append(seconds)
       seconds = statistics.median(times)
+      if policy is not None:
+        local = runs.local(state).policy
+        c = np.stack([np.asarray(local.planned), np.asarray(local.verified)])
+        counts = c if counts is None else counts + c
       for i, r in zip(idx, run.completions(state)):
         ids = r['completion_ids'] + ([run.gen.config.eos_id] if r['finish_reason'] == 'eos' else [])
         rows.append(dict(prompt_index=i, batch=b, batch_seconds=seconds,
@@ -278,7 +300,7 @@ class Runner:
                          finish_reason=r['finish_reason'], new_tokens=r['new_tokens'],
                          target_calls=r['target_calls'], draft_calls=r['draft_calls'],
                          accepted_by_position=r['accepted_by_position']))
-    return rows, state, run
+    return rows, state, run, counts
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -337,8 +359,9 @@ def _run(c) -> dict:
   scorer = quality.Scorer(cfg, target.params, length=bucket_len + c.max_new_tokens,
                           new=c.max_new_tokens, seed=c.seed)
   n_points = (len(ax['batch_sizes']) * len(ax['temperatures']) * len(ax['domains'])
-              * (1 + len(ax['drafters']) * len(ax['draft_lens']) - len(skipped)))
-  costs = {}             # (entry, k, greedy, B) -> (draft ms, verify ms) per round
+              * (1 + (len(ax['drafters']) * len(ax['draft_lens']) - len(skipped))
+                 * len(ax['dynamic'])))
+  costs = {}             # (entry, k, greedy, B, dynamic) -> (draft ms, verify ms) per round
   ar_ms = {}             # B -> ms per AR step
   done = [len(kept)]
   t_points = time.perf_counter()
@@ -370,6 +393,52 @@ def _run(c) -> dict:
     """The rows of a point an interrupted run completed, or None."""
     return kept.get(tuple(point[k] for k in POINT_KEYS))
 
+  def run_drafter_points(entry, k, dyn, B, T, greedy, ar_rows):
+    """The points of one drafter entry at k (dyn: the dynamic policy with k
+    its longest draft; labelled '<entry> dynamic'), every domain."""
+    key = (entry, k, greedy, B, dyn)
+    label = entry + (' dynamic' if dyn else '')
+    points = [_point(d, label, entry.partition(':')[0], k, T, B) for d in ax['domains']]
+    for point in points:
+      rows = previous(point)
+      if rows:
+        costs.setdefault(key, (rows[0]['draft_ms_per_round'], rows[0]['verify_ms_per_round']))
+    if all(previous(p) for p in points):
+      return
+    drafter, dparams, n_params = build_drafter(entry, k, target, c)
+    policy = None
+    if dyn:
+      pol, knobs, _ = runs.make_policy(
+          target, drafter, dparams, prompts[ax['domains'][0]], policy_ks=c.policy_ks,
+          costs=c.costs, threshold=c.confidence_threshold, prior=c.acceptance_prior,
+          decay=c.acceptance_decay, max_new_tokens=c.max_new_tokens, batch_size=B,
+          cache_size_=runs.cache_size(longest, c.max_new_tokens, max_k, cfg.max_context),
+          temperature=T, seed=c.seed)
+      policy = (pol, knobs)
+    for d, point in zip(ax['domains'], points):
+      if previous(point):
+        continue
+      rows, state, run, counts = runner.run(key, drafter, dparams, prompts[d], B, T, c.seed,
+                                            policy)
+      if key not in costs:
+        gen = run.gen
+        drafts = gen.draft_part(target.params, state, dparams)
+        # Verify on a drafter-free generator and state: one compile per (k, B).
+        verifier = gen_lib.Generator(cfg, cache_size=run.cache_size)
+        bare = state.replace(drafter_state=None, accepted=state.accepted[:, :0], policy=None)
+        costs[key] = tuple(1e3 * median_seconds(fn, repeats=5) for fn in (
+            lambda: gen.draft_part(target.params, state, dparams),
+            lambda: verifier.verify_part(target.params, bare, drafts)))
+      extra = dict(ar_ms_per_step=ar_ms[B], draft_ms_per_round=costs[key][0],
+                   verify_ms_per_round=costs[key][1], drafter_params=n_params,
+                   compile_seconds=run.compile_seconds)
+      if dyn:   # rounds by drafted / verified length over the point's batches
+        extra['policy'] = dict(draft_lens=list(policy[0].ks),
+                               costs=[round(x, 4) for x in policy[1].costs.tolist()],
+                               rounds_by_drafted_len=counts[0].tolist(),
+                               rounds_by_verified_len=counts[1].tolist())
+      record(rows, point, ar_rows[d], greedy, T, extra)
+
   for B in ax['batch_sizes']:
     for T in ax['temperatures']:
       greedy = T == 0
@@ -381,8 +450,8 @@ def _run(c) -> dict:
           ar_ms.setdefault(B, rows[0]['ar_ms_per_step'])
           ar_rows[d] = rows
           continue
-        rows, state, run = runner.run(('none', 0, greedy, B), None, None, prompts[d], B, T,
-                                      c.seed)
+        rows, state, run, _ = runner.run(('none', 0, greedy, B), None, None, prompts[d], B, T,
+                                         c.seed)
         if B not in ar_ms:        # one target call on the pending token = an AR step
           zero = jnp.zeros((B, 0), jnp.int32)
           ar_ms[B] = 1e3 * median_seconds(
@@ -392,36 +461,10 @@ def _run(c) -> dict:
                dict(ar_ms_per_step=ar_ms[B], draft_ms_per_round=None, verify_ms_per_round=None,
                     drafter_params=0, compile_seconds=run.compile_seconds))
       for entry in ax['drafters']:
-        for k in ax['draft_lens']:
-          if (entry, k) in skipped:
-            continue
-          key = (entry, k, greedy, B)
-          points = [_point(d, entry, entry.partition(':')[0], k, T, B) for d in ax['domains']]
-          for point in points:
-            rows = previous(point)
-            if rows:
-              costs.setdefault(key, (rows[0]['draft_ms_per_round'],
-                                     rows[0]['verify_ms_per_round']))
-          if all(previous(p) for p in points):
-            continue
-          drafter, dparams, n_params = build_drafter(entry, k, target, c)
-          for d, point in zip(ax['domains'], points):
-            if previous(point):
-              continue
-            rows, state, run = runner.run(key, drafter, dparams, prompts[d], B, T, c.seed)
-            if key not in costs:
-              gen = run.gen
-              drafts = gen.draft_part(target.params, state, dparams)
-              # Verify on a drafter-free generator and state: one compile per (k, B).
-              verifier = gen_lib.Generator(cfg, cache_size=run.cache_size)
-              bare = state.replace(drafter_state=None, accepted=state.accepted[:, :0])
-              costs[key] = tuple(1e3 * median_seconds(fn, repeats=5) for fn in (
-                  lambda: gen.draft_part(target.params, state, dparams),
-                  lambda: verifier.verify_part(target.params, bare, drafts)))
-            record(rows, point, ar_rows[d],
-                   greedy, T, dict(ar_ms_per_step=ar_ms[B], draft_ms_per_round=costs[key][0],
-                                   verify_ms_per_round=costs[key][1], drafter_params=n_params,
-                                   compile_seconds=run.compile_seconds))
+        for dyn in ax['dynamic']:
+          for k in ax['draft_lens']:
+            if (entry, k) not in skipped:
+              run_drafter_points(entry, k, dyn, B, T, greedy, ar_rows)
 
   raw = [json.loads(l) for l in (out / 'raw.jsonl').read_text().splitlines()]
   table = aggregate(raw)

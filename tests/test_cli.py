@@ -80,6 +80,12 @@ BAD = [
     (dict(param_dtype='float8'), 'param_dtype must be one of'),
     (dict(dtype='float16'), 'dtype must be one of'),
     (dict(dtype='bfloat16', param_dtype='bfloat16'), 'not supported on CPU'),
+    (dict(drafter='ngram', confidence_threshold=-0.1), 'confidence_threshold must be in'),
+    (dict(drafter='ngram', policy_ks='1,2,8'), 'outside 0..draft_len=4'),
+    (dict(drafter='ngram', costs='1,0,1.2,1.5'), 'costs must be positive'),
+    (dict(drafter='ngram', costs='1,2'), '2 costs for 4 draft lengths'),
+    (dict(drafter='ngram', costs='1,x'), 'comma-separated list of numbers'),
+    (dict(drafter='ngram', acceptance_decay=1.5), 'acceptance_decay'),
 ]
 
 
@@ -133,8 +139,13 @@ def test_speculative_job_matches_autoregressive(tmp_path, drafter, parallel):
   outs = {}
   devices = 8 if parallel == 'pmap' else 1
   batch = '8' if parallel == 'pmap' else '2'
+  # The dynamic draft length is on (the default); draft_model (the target
+  # itself, always right) gets costs under which the longest k always pays,
+  # the ngram runs measure theirs.
+  given = (['--config.costs=1,1,1,1', '--config.confidence_threshold=0']
+           if drafter == 'draft_model' else [])
   for name, extra in [('ar', []), ('spec', [f'--config.drafter={drafter}', '--config.draft_len=3',
-                                             '--config.draft_model=target'])]:
+                                             '--config.draft_model=target', *given])]:
     out = tmp_path / f'{name}.jsonl'
     r = cli('--config.model=tiny', f'--config.output={out}', '--config.max_new_tokens=11',
             f'--config.batch_size={batch}', f'--config.parallel={parallel}', *extra,
@@ -158,8 +169,13 @@ def test_speculative_job_matches_autoregressive(tmp_path, drafter, parallel):
   assert spec_sum['draft_ms_per_round'] > 0 and spec_sum['verify_ms_per_round'] > 0
   assert all(l['stats']['draft_seconds'] > 0 and l['stats']['verify_seconds'] > 0 for l in spec)
   assert ar_sum['draft_seconds'] is None
+  assert spec_sum['dynamic'] and spec_sum['policy']['draft_lens'] == [0, 1, 2, 3]
   if drafter == 'draft_model':       # always right: ceil(11 / 4) = 3 calls per prompt
-    assert spec_sum['target_calls'] == 3 * 3 and spec_sum['acceptance_by_position'] == [1.0] * 3
+    assert spec_sum['target_calls'] == 3 * 3
+    assert spec_sum['policy']['costs_from'] == 'config'
+  else:
+    assert spec_sum['policy']['costs_from'].startswith('measured on this machine')
+    assert all(c > 0 for c in spec_sum['policy']['costs'])
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from specdec_jax import drafters, generate, parallel
+from specdec_jax import drafters, generate, parallel, policy
 from specdec_jax.errors import UserError
 from specdec_jax.model import cast_params, init_params
 
@@ -26,12 +26,21 @@ def _batch(temperature):
 # itself would accept every draft and never reach that code).
 # The last case repeats the rejecting draft_model with bf16 weights (the
 # mesh shards bf16 matrices; the exactness argument is the same).
+# 'dynamic': the rejecting draft_model under the dynamic draft-length policy
+# (policy.py): rows plan and offer from their own history, so one row per
+# device gives the batch's tokens and call counts.
 @pytest.mark.parametrize('temperature, drafter_kind, param_dtype',
                          [(1.0, 'none', 'float32'), (0.0, 'ngram', 'float32'),
-                          (1.0, 'draft_model', 'float32'), (1.0, 'draft_model', 'bfloat16')])
+                          (1.0, 'draft_model', 'float32'), (1.0, 'draft_model', 'bfloat16'),
+                          (1.0, 'dynamic', 'float32')])
 def test_pmap_and_mesh_equal_single_device(tiny, drafter_kind, temperature, param_dtype):
   assert jax.device_count() == 8, 'conftest sets 8 fake CPU devices'
   cfg, params = tiny
+  pol = knobs = None
+  if drafter_kind == 'dynamic':
+    drafter_kind = 'draft_model'
+    pol = policy.DraftPolicy((0, 1, 2, 3))
+    knobs = policy.PolicyParams.make([1.0, 1.25, 1.45, 1.7], threshold=0.1)
   cfg = cfg.replace(param_dtype=param_dtype)
   params = cast_params(params, param_dtype)
   k = 3
@@ -41,10 +50,11 @@ def test_pmap_and_mesh_equal_single_device(tiny, drafter_kind, temperature, para
       'draft_model': (drafters.DraftModelDrafter(cfg, k),
                       cast_params(init_params(cfg, jax.random.key(7)), param_dtype)),
   }[drafter_kind]
-  gen = generate.Generator(cfg, cache_size=64, greedy=temperature == 0, drafter=drafter)
+  gen = generate.Generator(cfg, cache_size=64, greedy=temperature == 0, drafter=drafter,
+                           policy=pol)
   batch = _batch(temperature)
-  want = generate.completions(gen.generate(params, batch, dparams), cfg.eos_id)
-  if drafter_kind == 'draft_model':
+  want = generate.completions(gen.generate(params, batch, dparams, knobs), cfg.eos_id)
+  if drafter_kind == 'draft_model' and pol is None:
     # Drafts accepted and rejected: tokens per target call well between 1
     # (nothing accepted) and 13 / 4 = 3.25 (everything accepted: 13 new
     # tokens in ceil(13 / (k + 1)) calls), and the first draft rejected in
@@ -57,7 +67,7 @@ def test_pmap_and_mesh_equal_single_device(tiny, drafter_kind, temperature, para
   for mode, batch_size in [('pmap', 8), ('mesh', 8), ('mesh', 2)]:
     # mesh with batch 8: data=8; with a batch of 2 rows per call: data=2, model=4.
     runner = parallel.make_runner(gen, params, dparams, mode=mode, num_devices=8,
-                                  batch_size=batch_size)
+                                  batch_size=batch_size, policy_params=knobs)
     if batch_size == 8:
       got = generate.completions(runner.compile(batch)(batch), cfg.eos_id)
     else:

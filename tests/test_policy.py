@@ -45,6 +45,28 @@ def test_greedy_with_the_policy_equals_autoregressive(tiny):
   assert (seen > 0).all(), seen    # every verify length (and plain steps) ran somewhere
 
 
+def test_a_rows_tokens_do_not_depend_on_its_batch(tiny):
+  """Sampled, a rejecting drafter: each row plans and offers from its own
+  history and confidence, so batched rows equal their solo runs (tokens and
+  target calls) although the batch drafts the longest plan."""
+  cfg, params = tiny
+  d, dp = drafter_cases(cfg, params, 4)['other_model']
+  knobs = policy.PolicyParams.make(COSTS4, threshold=0.1)
+  kw = dict(ks=(0, 1, 2, 4), greedy=False, temperature=1.0)
+  batched, summ = run(cfg, params, PROMPTS, d, dp, knobs, **kw)
+  assert 0 < summ['plain_steps'] < sum(summ['rounds_by_verified_len'].values()), summ
+  for i, prompt in enumerate(PROMPTS):
+    # run() keys row i by fold_in(seed, i): the solo row needs the same key.
+    keys = jax.vmap(lambda j: jax.random.fold_in(jax.random.key(0), j))(jnp.array([i]))
+    gen = generate.Generator(cfg, cache_size=64, greedy=False, drafter=d,
+                             policy=policy.DraftPolicy(kw['ks']))
+    batch = generate.make_batch([prompt], batch_size=1, bucket_len=16, max_new_tokens=17,
+                                keys=keys, temperature=1.0)
+    solo = generate.completions(gen.generate(params, batch, dp, knobs), cfg.eos_id)[0]
+    assert (solo['completion_ids'], solo['target_calls']) == (
+        batched[i]['completion_ids'], batched[i]['target_calls']), i
+
+
 def test_cost_model_extremes(tiny):
   """Costs where speculation cannot pay: plain steps only (target calls ==
   new tokens, nothing drafted). Drafts always right and verifying is cheap:
@@ -72,14 +94,15 @@ def test_plan_prefers_longer_drafts_as_acceptance_rises():
     ps = policy.PolicyState.init(knobs, 1).replace(accepted=jnp.array([1000.0 * a]),
                                                    tried=jnp.array([1000.0]))
     chosen.append(pol.ks[int(policy.plan(pol, ps, jnp.array([True]), jnp.array([True]),
-                                         jnp.array([100])))])
+                                         jnp.array([100]))[0])])
   assert chosen == sorted(chosen) and chosen[0] == 0 and chosen[-1] == 8, chosen
   ps = policy.PolicyState.init(knobs, 1)
-  assert int(policy.plan(pol, ps, jnp.array([True]), jnp.array([False]), jnp.array([100]))) == 0
+  assert int(policy.plan(pol, ps, jnp.array([True]), jnp.array([False]),
+                         jnp.array([100]))[0]) == 0
   # Two tokens left: drafting beyond one draft buys nothing.
   assert pol.ks[int(policy.plan(pol, ps.replace(accepted=jnp.array([990.0]),
                                                 tried=jnp.array([1000.0])),
-                                jnp.array([True]), jnp.array([True]), jnp.array([2])))] == 1
+                                jnp.array([True]), jnp.array([True]), jnp.array([2]))[0])] == 1
 
 
 def test_no_recompile_for_new_costs_thresholds_and_prompts(tiny):

@@ -53,6 +53,23 @@ def test_sweep_writes_every_artefact(tiny_sweep):
   assert len([l for l in md if l.startswith('| code') or l.startswith('| prose')]) == 12
 
 
+def test_sweep_compares_fixed_and_dynamic_draft_lengths(tmp_path):
+  """dynamic=false,true: each (drafter, k) twice, the policy's points
+  labelled '<drafter> dynamic' with its rounds by length; greedy identical."""
+  out = tmp_path / 'results'
+  r = sweep(f'--config.output={out}', '--config.drafters=ngram', '--config.draft_lens=2',
+            '--config.temperatures=0', '--config.dynamic=false,true', '--config.costs=1,1.2,1.4')
+  assert r.returncode == 0, r.stderr[-3000:]
+  summary = json.loads(r.stdout.strip().splitlines()[-1])
+  assert summary['points'] == 2 * (1 + 2) and summary['greedy_identical'] == 1.0
+  raw = [json.loads(l) for l in (out / 'raw.jsonl').read_text().splitlines()]
+  assert {l['drafter'] for l in raw} == {'none', 'ngram', 'ngram dynamic'}
+  dyn = [l for l in raw if l['drafter'] == 'ngram dynamic']
+  assert all(l['policy']['draft_lens'] == [0, 1, 2] and l['policy']['costs'] == [1, 1.2, 1.4]
+             and sum(l['policy']['rounds_by_drafted_len']) > 0 for l in dyn)
+  assert 'ngram dynamic' in (out / 'results.md').read_text()
+
+
 def test_table_is_recomputed_from_raw(tiny_sweep):
   out = tiny_sweep[0]
   raw = [json.loads(l) for l in (out / 'raw.jsonl').read_text().splitlines()]
@@ -108,6 +125,8 @@ def test_table_is_recomputed_from_raw(tiny_sweep):
     ('domains', 'code,poetry', "unknown domain 'poetry'"),
     ('batch_sizes', '0', 'every value must be >= 1'),
     ('draft_lens', '', 'draft_lens is empty'),
+    ('dynamic', 'maybe', "dynamic: 'maybe' is not a valid boolean"),
+    ('confidence_threshold', -0.5, 'confidence_threshold must be in [0, 1]'),
 ])
 def test_bad_sweep_values_are_refused_before_anything_runs(key, value, message, tmp_path):
   from configs import ablate
