@@ -65,9 +65,20 @@ CHAT_PREAMBLES = (
     'The following is a chat between a user and an AI assistant that answers clearly.\n\n',
     'Transcript of a support conversation.\n\n',
     'Below, an assistant helps someone with a question.\n\n',
+    'A knowledgeable assistant replies to messages.\n\n',
+    'Chat log\n\n',
     '',
 )
-CHAT_TURNS = (('User: ', '\nAssistant:'), ('Q: ', '\nA:'), ('Human: ', '\nAI:'))
+CHAT_TURNS = (('User: ', '\nAssistant:'), ('Q: ', '\nA:'), ('Human: ', '\nAI:'),
+              ('Me: ', '\nBot:'))
+# An optional first exchange and a few words before the question: with the
+# formats above, ~32k distinct openings, so greedy rows (a function of the
+# prompt alone) rarely repeat.
+CHAT_GREETINGS = (None, ('Hi there!', 'Hello! What can I help you with?'),
+                  ('Good evening.', 'Good evening! How can I help?'),
+                  ('Hey, can I ask you something?', 'Of course, go ahead.'))
+CHAT_CONTEXTS = ('', "I'm new to this. ", 'Quick question: ', 'Please keep it short. ',
+                 'For a school project: ', "I've wondered about this for a while. ")
 CHAT_OPENINGS = (
     'How do I read a CSV file in Python and skip the header row?',
     'What is a closure in JavaScript?',
@@ -128,9 +139,11 @@ CHAT_OPENINGS = (
 )
 
 
-def chat_prompt(i_pre: int, i_turn: int, i_q: int) -> str:
-  user, assistant = CHAT_TURNS[i_turn]
-  return f'{CHAT_PREAMBLES[i_pre]}{user}{CHAT_OPENINGS[i_q]}{assistant}'
+def chat_prompt(pre: int, turn: int, greet: int, ctx: int, q: int) -> str:
+  user, assistant = CHAT_TURNS[turn]
+  g = CHAT_GREETINGS[greet]
+  first = f'{user}{g[0]}{assistant} {g[1]}\n' if g else ''
+  return f'{CHAT_PREAMBLES[pre]}{first}{user}{CHAT_CONTEXTS[ctx]}{CHAT_OPENINGS[q]}{assistant}'
 
 
 # ----------------------------------------------------------------------------
@@ -248,8 +261,8 @@ class PromptStream:
       files = self.groups[g]
       if not files:                               # chat
         q = int(rng.integers(len(CHAT_OPENINGS)))
-        text = chat_prompt(int(rng.integers(len(CHAT_PREAMBLES))),
-                           int(rng.integers(len(CHAT_TURNS))), q)
+        text = chat_prompt(*(int(rng.integers(len(x))) for x in (
+            CHAT_PREAMBLES, CHAT_TURNS, CHAT_GREETINGS, CHAT_CONTEXTS)), q)
         ids = self.tok.encode(text)
         ids = ids[:1] + ids[1:][-(self.max):]    # keep the end: the question and the cue
         return Prompt(i, tuple(ids), f'chat/{q}', greedy)

@@ -151,10 +151,13 @@ def test_evaluation_prompts_stay_out():
   assert len(evals) > 40
   assert not set(distill_data.CHAT_OPENINGS) & set(make_prompt_sets.CHAT_QUESTIONS)
   assert make_prompt_sets.CHAT_PREAMBLE not in distill_data.CHAT_PREAMBLES
-  chats = [distill_data.chat_prompt(p, t, q) for p in range(len(distill_data.CHAT_PREAMBLES))
-           for t in range(len(distill_data.CHAT_TURNS)) for q in range(len(distill_data.CHAT_OPENINGS))]
-  questions = [q for q in make_prompt_sets.CHAT_QUESTIONS]
-  assert not any(q in c for q in questions for c in chats)
+  chats = [distill_data.chat_prompt(p, t, g, x, q) for p in range(len(distill_data.CHAT_PREAMBLES))
+           for t in range(len(distill_data.CHAT_TURNS))
+           for g in range(len(distill_data.CHAT_GREETINGS))
+           for x in range(len(distill_data.CHAT_CONTEXTS)) for q in (0, 7)]
+  assert len(set(chats)) == len(chats)
+  assert not any(q in c for q in make_prompt_sets.CHAT_QUESTIONS
+                 for c in chats + list(distill_data.CHAT_OPENINGS))
   # The shipped config names no evaluation source; a file of one is refused.
   c = distill_config.get_config()
   assert not any(s in d.lower() for d in c.data for s in distill_data.EVAL_SOURCES)
