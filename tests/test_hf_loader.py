@@ -188,6 +188,16 @@ def test_published_style_config_uses_transformers_defaults():
   assert (cfg.sliding_window, cfg.query_pre_attn_scalar, cfg.eos_id, cfg.bos_id) == (1024, 256, 1, 2)
 
 
+def test_gemma3_270m_config_gives_our_270m():
+  """transformers' own config of Gemma 3 270M (as recorded in the GGUF parity
+  fixture) maps to the config the GGUF loader builds."""
+  from specdec_jax.config import gemma3_270m
+  hf = json.loads((ROOT.parent / 'hf_gemma3_270m.json').read_text())['config']
+  cfg = hf_gemma3.config_from_hf(fake_folder(hf, 'gemma3_text'))
+  assert cfg.replace(norm_eps=1e-6) == gemma3_270m()
+  assert cfg.norm_eps == pytest.approx(1e-6)
+
+
 @pytest.mark.parametrize('change, needle', [
     ({'final_logit_softcapping': 30.0}, 'final_logit_softcapping'),
     ({'attn_logit_softcapping': 50.0}, 'attn_logit_softcapping'),
