@@ -61,6 +61,9 @@ def load_hf_folder(path, *, param_dtype: str, dtype: str, sharding=None):
   from specdec_jax.loaders.safetensors_folder import open_hf_folder
   folder = open_hf_folder(path)
   module = HF_MODEL_TYPES.get(folder.model_type)
+  if folder.model_type == 'gemma4_assistant':
+    raise UserError(f'{folder.path} is a Gemma 4 assistant (a drafter), not a target: pass it '
+                    'as drafter_checkpoint with drafter=mtp')
   if module is None:
     raise UserError(f'{folder.path}: model_type {folder.model_type!r} is not supported; '
                     f'supported: {", ".join(HF_MODEL_TYPES)}')
@@ -81,7 +84,7 @@ def load_hf_folder(path, *, param_dtype: str, dtype: str, sharding=None):
 def _print_param_memory(params, param_dtype, tok) -> None:
   from specdec_jax.loaders import placement
   n = sum(x.size for x in jax.tree_util.tree_leaves(params))
-  print(f'target params: {n / 1e6:.1f}M parameters, '
+  print(f'target params: {n:,} parameters, '
         f'{placement.param_bytes(params) / 2**20:.1f} MiB ({param_dtype} matrices, '
         f'float32 norms){"" if tok else "; no tokenizer: prompt_ids prompts only"}',
         file=sys.stderr)

@@ -242,6 +242,8 @@ def test_bad_folders_fail_in_one_line(tmp_path):
   (d / 'config.json').write_text(json.dumps(dict(cfg, model_type='llama')))
   msg = load_error(d)
   assert "'llama' is not supported" in msg and 'gemma3_text' in msg and 'gemma4' in msg
+  (d / 'config.json').write_text(json.dumps(dict(cfg, model_type='gemma4_assistant')))
+  assert 'a Gemma 4 assistant (a drafter), not a target' in load_error(d)
   (d / 'config.json').write_text('{"model_type": "gemma3", ')
   assert 'unreadable config.json' in load_error(d)
 
