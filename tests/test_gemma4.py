@@ -281,3 +281,44 @@ def test_mesh_equals_single_device(name, temperature, drafter_kind):
   assert runner.mode == 'mesh(data=2,model=4)'
   for key in ('completion_ids', 'target_calls', 'accepted_by_position'):
     assert [g[key] for g in got] == [w[key] for w in want], key
+
+
+def test_sharded_load_on_a_mesh():
+  """Placed leaf by leaf with the mesh path's sharding ('model' = 8): the
+  forward equals the single-device one (MoE and k_eq_v included)."""
+  from jax.sharding import Mesh, PartitionSpec as P
+  from specdec_jax.loaders.placement import mesh_sharding_fn
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(1, 8), ('data', 'model'))
+  cfg, params, _ = hf_gemma4.load(ROOT / 'moe_k_eq_v', sharding=mesh_sharding_fn(mesh))
+  _, single, _ = hf_gemma4.load(ROOT / 'moe_k_eq_v')
+  assert params['embedding'].sharding.spec == P('model', None)
+  ref = json.loads((ROOT / 'moe_k_eq_v' / 'hf_outputs.json').read_text())
+  tokens, _ = _sequences(ref)
+  # Split contractions sum in another order: up to 2e-5 here.
+  np.testing.assert_allclose(_forward(cfg, params, tokens)[0], _forward(cfg, single, tokens)[0],
+                             atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize('drafter', ['none', 'ngram'])
+def test_generation_job_on_a_gemma4_folder(tmp_path, drafter):
+  """`model=<Gemma 4 folder>` in the generation job, prompt_ids prompts: HF's
+  greedy tokens, plain and speculative. (The folder gets a word-level
+  tokenizer.json for the completion text: the job needs one to write it.)"""
+  from tokenizers import Tokenizer, models
+  from configs.generate import get_config
+  from specdec_jax import jobs
+  ref = json.loads((ROOT / 'e_style' / 'hf_outputs.json').read_text())
+  folder = _copy(tmp_path, 'e_style')
+  Tokenizer(models.WordLevel({f't{i}': i for i in range(160)}, unk_token='t3')).save(
+      str(folder / 'tokenizer.json'))
+  c = get_config()
+  c.model, c.output, c.param_dtype = str(folder), str(tmp_path / 'o.jsonl'), 'float32'
+  c.prompts = str(tmp_path / 'p.jsonl')
+  c.drafter, c.max_new_tokens, c.batch_size = drafter, ref['new_tokens'], 4
+  (tmp_path / 'p.jsonl').write_text(''.join(
+      json.dumps({'prompt_ids': case['prompt_ids']}) + '\n' for case in ref['cases']))
+  summary = jobs.run(c)
+  lines = sorted((json.loads(l) for l in (tmp_path / 'o.jsonl').read_text().splitlines()),
+                 key=lambda l: l['index'])
+  assert [l['completion_ids'] for l in lines] == [case['greedy_ids'] for case in ref['cases']]
+  assert summary['new_tokens'] == 3 * ref['new_tokens']
