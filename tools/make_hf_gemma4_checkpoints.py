@@ -117,7 +117,7 @@ def inner(out_dir):
       ids = torch.tensor([prompt])
       with torch.no_grad():
         out = ref.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                           max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                           max_new_tokens=NEW_TOKENS,
                            pad_token_id=0)
         full = ref(out).logits[0].float().numpy()                      # [T, V]
       top_ids = np.argsort(-full, axis=-1)[:, :TOP]
