@@ -36,7 +36,7 @@ class Drafter:
 
 @dataclasses.dataclass
 class Result:
-  texts: List[str]
+  texts: Optional[List[str]]      # None for a target without a tokenizer
   completion_ids: List[List[int]]
   new_tokens: int
   target_calls: int
@@ -104,6 +104,8 @@ def generate(target: Target, prompts: Sequence[Union[str, Sequence[int]]], *,
   from specdec_jax import policy as policy_lib
   from specdec_jax import runs
   cfg, tok = target.config, target.tokenizer
+  if tok is None and any(isinstance(p, str) for p in prompts):
+    raise ValueError(f'{target.name} has no tokenizer: give prompts as token ids')
   ids = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
   n_dev = jax.local_device_count()
   batch_size = -(-len(ids) // n_dev) * n_dev if parallel in ('auto', 'pmap') else len(ids)
@@ -126,7 +128,7 @@ def generate(target: Target, prompts: Sequence[Union[str, Sequence[int]]], *,
   calls = sum(r['target_calls'] for r in rows)
   draft_calls = sum(r['draft_calls'] for r in rows)
   accepted = np.sum([r['accepted_by_position'] for r in rows], axis=0) if k else np.zeros(0)
-  return Result(texts=[tok.decode(r['completion_ids']) for r in rows],
+  return Result(texts=None if tok is None else [tok.decode(r['completion_ids']) for r in rows],
                 completion_ids=[r['completion_ids'] for r in rows],
                 new_tokens=sum(r['new_tokens'] for r in rows), target_calls=calls,
                 seconds=seconds, compile_seconds=compile_s,

@@ -226,7 +226,6 @@ def settings(c, rows) -> dict:
 def line_for(i, s, r, rows, tok, seconds, verified, part_ms) -> dict:
   line = {'index': i, 'sample': s, 'prompt_ids': r['prompt_ids'],
           'completion_ids': r['completion_ids'],
-          'completion': tok.decode(r['completion_ids']),
           'finish_reason': r['finish_reason'],
           'stats': {'new_tokens': r['new_tokens'], 'target_calls': r['target_calls'],
                     'draft_calls': r['draft_calls'],
@@ -237,6 +236,8 @@ def line_for(i, s, r, rows, tok, seconds, verified, part_ms) -> dict:
   if part_ms:                     # this row's batch: verify rounds x measured cost
     line['stats'].update(draft_seconds=round(verified * part_ms[0] / 1e3, 4),
                          verify_seconds=round(verified * part_ms[1] / 1e3, 4))
+  if tok is not None:            # a checkpoint folder without a tokenizer: ids only
+    line['completion'] = tok.decode(r['completion_ids'])
   if 'prompt' in rows[i]:
     line['prompt'] = rows[i]['prompt']
   return line
@@ -264,6 +265,9 @@ def run(c) -> dict:
 
   prompts = []
   for i, row in enumerate(rows):
+    if 'prompt_ids' not in row and tok is None:
+      raise UserError(f'prompt {i}: {c.model} has no tokenizer (tokenizer.model or '
+                      'tokenizer.json); give "prompt_ids"')
     ids = row['prompt_ids'] if 'prompt_ids' in row else tok.encode(row['prompt'])
     bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
     if bad:

@@ -330,6 +330,9 @@ def _run(c) -> dict:
   target = load_target(c.model, gguf=c.gguf, param_dtype=c.param_dtype, dtype=c.dtype,
                        seed=c.seed)
   cfg, tok = target.config, target.tokenizer
+  if tok is None:
+    raise UserError(f'{c.model} has no tokenizer (tokenizer.model or tokenizer.json): the '
+                    "sweep's prompt sets are text")
   prompts = {d: load_prompts(ax['prompt_dir'], d, tok, c.prompts_per_domain, c.max_prompt_len)
              for d in ax['domains']}
   for d, ps in prompts.items():

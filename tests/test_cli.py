@@ -187,3 +187,18 @@ def test_gemma_demo_job(tmp_path):
   lines = [json.loads(l) for l in out.read_text().splitlines()]
   assert lines[0]['completion'].startswith(' the capital of')
   assert json.loads(r.stdout.strip().splitlines()[-1])['new_tokens'] == 24
+
+
+def test_a_checkpoint_without_a_tokenizer_takes_prompt_ids(tmp_path):
+  """A Hugging Face folder with no tokenizer file: prompt_ids work (lines
+  carry ids, no text); text prompts (the demo's) are one error line."""
+  folder = os.path.join(ROOT, 'tests', 'fixtures', 'hf_tiny', 'gemma3_mm')
+  prompts = tmp_path / 'p.jsonl'
+  prompts.write_text('{"prompt_ids": [2, 40, 41, 42]}\n')
+  out = tmp_path / 'o.jsonl'
+  r = cli(f'--config.model={folder}', f'--config.prompts={prompts}', f'--config.output={out}',
+          '--config.max_new_tokens=4', '--config.drafter=ngram')
+  assert r.returncode == 0, r.stderr
+  line = json.loads(out.read_text())
+  assert 'completion' not in line and len(line['completion_ids']) <= 4
+  assert 'no tokenizer' in job_error(tmp_path, model=folder, output=str(tmp_path / 'x.jsonl'))
