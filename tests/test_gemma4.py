@@ -7,6 +7,7 @@ keys == values on global layers), dense_k_eq_v (saved as multimodal gemma4).
 Norm scales, layer_scalar and router scales are random there, so a missed
 scale shows. Every family has sliding and full layers and a window of 4.
 """
+import functools
 import json
 import pathlib
 import shutil
@@ -45,8 +46,14 @@ def _sequences(ref):
   return jnp.array([s + [0] * (T - len(s)) for s in seqs]), [len(s) for s in seqs]
 
 
+@functools.lru_cache(maxsize=None)
+def _apply(cfg):
+  """One jitted apply per config: a fresh jax.jit per call would retrace."""
+  return jax.jit(build(cfg).apply)
+
+
 def _forward(cfg, params, tokens, cache=None):
-  return jax.jit(build(cfg).apply)({'params': params}, tokens, cache)
+  return _apply(cfg)({'params': params}, tokens, cache)
 
 
 def test_config_and_params_tree(family):
@@ -67,6 +74,17 @@ def test_config_and_params_tree(family):
   cache = KVCache.init(cfg, 2, 32)
   assert [k.shape for k in cache.k] == [(2, K, 32, H) for K, H in cfg.cache_heads]
   assert len(cache.k) == cfg.first_shared
+
+
+def test_random_init_matches_the_loaded_tree(family):
+  """gemma4.init_params (tests, from-scratch use) builds the loader's tree, in
+  the config's weight dtype, norms and layer_scalar float32 at one."""
+  _, cfg, params, _ = family
+  rand = gemma4.init_params(cfg.replace(param_dtype='bfloat16'), jax.random.key(0))
+  assert jax.tree.structure(rand) == jax.tree.structure(params)
+  assert rand['embedding'].dtype == jnp.bfloat16
+  assert rand['layer_0']['layer_scalar'].dtype == jnp.float32
+  np.testing.assert_array_equal(rand['final_norm']['scale'], 1.0)
 
 
 def test_logits_and_greedy_match_hf(family):
