@@ -258,6 +258,25 @@ def test_bad_config_is_one_line(tmp_path, changes, match):
   _one_line_error(folder, match)
 
 
+def test_published_style_config_keys(tmp_path):
+  """The published checkpoints' `global_head_dim` / `num_global_key_value_heads`
+  (no per_layer_config) resolve as transformers 5.24 resolves them: the kv
+  override applies only with attention_k_eq_v, and global_head_dim defaults
+  to 512."""
+  folder = _copy(tmp_path)
+  want = hf_gemma4.load(folder)[0]
+  _edit(folder, per_layer_config=_DROP, global_head_dim=16, num_global_key_value_heads=1)
+  assert hf_gemma4.load(folder)[0] == want
+  view = lambda **kw: type('F', (), dict(path=folder, config={}, text_config=kw))()
+  cfg = hf_gemma4.config_from_hf(view(num_global_key_value_heads=1, num_key_value_heads=2,
+                                      hidden_size_per_layer_input=0))
+  assert (cfg.global_head_dim, cfg.num_global_kv_heads, cfg.head_dim) == (512, 2, 256)
+  cfg = hf_gemma4.config_from_hf(view(attention_k_eq_v=True, num_global_key_value_heads=1,
+                                      num_key_value_heads=2, hidden_size_per_layer_input=0))
+  assert cfg.num_global_kv_heads == 1 and cfg.rope_fraction_global == 0.25
+  assert cfg.is_global == tuple((i + 1) % 6 == 0 for i in range(30))
+
+
 def test_wrong_model_type_and_missing_tensor(tmp_path):
   folder = _copy(tmp_path, 'dense_k_eq_v')
   cfg = json.loads((folder / 'config.json').read_text())
