@@ -19,7 +19,7 @@ starts as the target's final-normed hidden state at q - 1 (the state that
 predicted the pending token) and is the assistant's own h' afterwards, and
 `token` is the pending token, then each drafted one. This is transformers'
 first round after a prefill; its later rounds hand the assistant a KV that
-may still hold a rejected draft at q (see the note in tests/test_gemma4.py),
+may still hold a rejected draft at q (tests/test_gemma4_assistant.py),
 which is not taken here: the reference is the assistant called on the exact
 prefix. No final softcap (the assistant's forward has none).
 """
