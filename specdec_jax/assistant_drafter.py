@@ -2,7 +2,7 @@
 
 Follows the drafter protocol of drafters.py (init_state / draft /
 draft_scored / commit); the network is models/gemma4_assistant.py. Each
-round drafts k tokens under `lax.scan` from the round's TargetView: step 0
+round drafts k tokens under `lax.scan` (unrolled) from the round's TargetView: step 0
 reads the target's final-normed hidden state that predicted the pending
 token and the pending token's scaled target embedding; every step queries at
 the pending token's position over the target's cache (positions < q), which
@@ -60,7 +60,10 @@ class AssistantDrafter:
         conf = jnp.max(probs, axis=-1)
       return (h[:, 0], nxt), (nxt, probs, conf)
 
+    # Fully unrolled (k is small), as drafters.py does: as a loop XLA:CPU
+    # copied the closed-over target embedding and cache into every step.
     _, (drafts, probs, conf) = jax.lax.scan(
-        step, (target.hidden.astype(t.jnp_dtype), pending), jnp.arange(self.draft_len))
+        step, (target.hidden.astype(t.jnp_dtype), pending), jnp.arange(self.draft_len),
+        unroll=True)
     return (drafts.T.astype(jnp.int32), None if greedy else probs.transpose(1, 0, 2),
             state, conf.T)
