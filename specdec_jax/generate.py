@@ -31,6 +31,7 @@ from flax import struct
 
 from specdec_jax import policy as policy_lib
 from specdec_jax import rejection, sampling
+from specdec_jax import tree as tree_lib
 from specdec_jax.config import ModelConfig
 from specdec_jax.drafters import TargetView, with_draft_len
 from specdec_jax.model import KVCache, build
@@ -83,6 +84,9 @@ class Generator:
   # (0 = a plain step; the largest is the drafter's draft_len). None: always
   # draft_len, except rounds where an abstaining drafter has nothing.
   policy: Any = None
+  # tree.TreeShape: each round verifies a tree of drafts in one pass
+  # (`_tree_step`); the drafter's draft_len is its depth. None: a chain.
+  tree: Any = None
 
   def __post_init__(self):
     if self.policy is not None:
@@ -91,6 +95,8 @@ class Generator:
       if self.policy.max_k != self.drafter.draft_len:
         raise ValueError(f'the policy\'s largest draft length {self.policy.max_k} must be '
                          f'the drafter\'s draft_len {self.drafter.draft_len}')
+    if self.tree is not None:
+      tree_lib.check_tree_generator(self)
 
   @property
   def draft_len(self) -> int:
@@ -275,6 +281,8 @@ class Generator:
       return self._ar_step(params, state)
     if self.policy is not None:
       return self._dynamic_step(params, drafter_params, state)
+    if self.tree is not None:
+      return self._tree_step(params, drafter_params, state)
     k = self.draft_len
     if not hasattr(self.drafter, 'has_draft'):
       drafts, q, dstate, _ = self._draft(params, drafter_params, state)
@@ -330,6 +338,87 @@ class Generator:
 
     new, n = jax.lax.switch(j, [verify_branch(k) for k in pol.ks], state)
     return new.replace(policy=policy_lib.update(ps, plan, j, offered, n))
+
+  def _tree_step(self, params, drafter_params, state):
+    """One tree round (tree.py). As in `_step`, a drafter that can abstain
+    makes the round a plain step when no unfinished row has a proposal."""
+    view = TargetView(embedding=params['embedding'], cache=state.cache, hidden=state.hidden)
+    nodes = tree_lib.propose(self.drafter, self.tree, drafter_params, state.tokens,
+                             state.lengths, view)                          # [B, T]
+    if not hasattr(self.drafter, 'has_draft'):
+      return self._tree_round(params, state, nodes)
+    offered = self.drafter.has_draft(state.tokens, state.lengths)       # [B]
+    return jax.lax.cond(
+        jnp.all(~offered | state.done),
+        lambda s: self._plain_step(params, drafter_params, s),
+        lambda s: self._tree_round(params, s, nodes, offered), state)
+
+  def _tree_round(self, params, state: DecodeState, nodes, offered=None):
+    """Verify a tree in one target call -> accept a path per row -> write.
+
+    nodes [B, T]: node tokens (node 0 the pending token), T = tree.num_nodes.
+    offered ([B] bool or None = all): a row offering no tree accepts nothing
+    and draws its token as `_ar_step` would (same key), as in `_spec_round`.
+    """
+    shape, lay = self.tree, self.tree.layout
+    b = state.batch
+    B, T = nodes.shape
+    D = shape.depth
+    L = state.lengths
+    live = ~state.done
+    rows = jnp.arange(B)
+    keys = jax.vmap(jax.random.fold_in)(b.keys, L)
+    accept_keys = jax.vmap(lambda key: jax.random.split(key))(keys)[:, 1]
+    first = state.cache.lengths                                            # the root's slot
+    logits, hidden, cache = self.model.apply({'params': params}, nodes, state.cache,
+                                             tree=shape.mask)             # [B, T, V]
+    p = None
+    if self.greedy:
+      best, nxt = tree_lib.accept_greedy(shape, nodes, logits)
+    else:
+      rep = lambda x: jnp.repeat(x, T)
+      p = sampling.warp(logits.reshape(B * T, -1), rep(b.temperature), rep(b.top_k),
+                        rep(b.top_p)).reshape(B, T, -1)
+      best, nxt = tree_lib.accept_sampled(shape, accept_keys, nodes, p)
+    if offered is not None:
+      ar = self.next_tokens(logits[:, 0], b, L, None if p is None else p[:, 0])
+      best = jnp.where(offered, best, 0)
+      nxt = jnp.where(offered, nxt, ar)
+    path = jnp.asarray(lay['path_nodes'])[best]                            # [B, D+1]
+    n = jnp.asarray(lay['depths'])[best]                                   # [B] accepted
+    path_tokens = jnp.take_along_axis(nodes, path[:, 1:], axis=1)          # [B, D]
+    # Emitted this round: the path's n tokens then the correction / bonus.
+    slot = jnp.arange(D + 1)
+    emitted = jnp.where(slot < n[:, None],
+                        jnp.concatenate([path_tokens, path_tokens[:, :1]], 1),
+                        nxt[:, None])                                      # [B, D+1]
+    count = n + 1
+    eos = (emitted == self.config.eos_id) & (slot < count[:, None])
+    hit_eos = jnp.any(eos, axis=1)
+    count = jnp.where(hit_eos, jnp.argmax(eos, axis=1) + 1, count)
+    count = jnp.where(live, jnp.minimum(count, b.limits - L), 0)
+    at = L[:, None] + slot                                                 # [B, D+1]
+    tokens = state.tokens.at[rows[:, None], at].set(
+        jnp.where(slot < count[:, None], emitted, state.tokens[rows[:, None], at]),
+        mode='promise_in_bounds', unique_indices=True)
+    lengths = L + count
+    done = state.done | (live & hit_eos) | (lengths >= b.limits)
+    K = state.accepted.shape[1]
+    accepted = state.accepted + (live[:, None] & (jnp.arange(K) < n[:, None]))
+    # The new pending token sits at L + count - 1; the path node before it
+    # predicted it.
+    last_node = jnp.take_along_axis(path, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
+    hidden = jnp.where((count > 0)[:, None], hidden[rows, last_node], state.hidden)
+    cache = tree_lib.commit_path(cache, first, path)
+    verified = live if offered is None else live & offered
+    return state.replace(
+        tokens=tokens, lengths=lengths, done=done, hidden=hidden,
+        cache=cache.replace(lengths=lengths - 1),
+        drafter_state=self.drafter.commit(state.drafter_state, lengths),
+        target_calls=state.target_calls + live,
+        draft_calls=state.draft_calls + verified,
+        accepted=accepted, step=state.step + 1,
+        verify_rounds=state.verify_rounds + 1)
 
   @functools.partial(jax.jit, static_argnames=('self',), donate_argnames=('state',))
   def step(self, params, state: DecodeState, drafter_params=None) -> DecodeState:

@@ -142,13 +142,15 @@ def visible_slots(keys, values, q_pos, window: Optional[int]):
   return cut(keys, start), cut(values, start), key_pos
 
 
-def attend(q, keys, values, q_pos, key_pos, window: Optional[int], strict: bool = False):
+def attend(q, keys, values, q_pos, key_pos, window: Optional[int], strict: bool = False,
+           mask=None):
   """Masked softmax attention, grouped-query, in float32.
 
   q [B, T, N, H] (scaled, rotated); keys, values [B, K, S, H]; q_pos [B, T];
   key_pos [B, S]. Key j is visible to the query at position p iff j <= p
   (j < p when `strict`) and, with a window, j > p - window. Returns
-  [B, T, N * H]; a query that sees no key reads zeros.
+  [B, T, N * H]; a query that sees no key reads zeros. `mask` [B, T, S]
+  (optional) replaces that rule: the tree verify pass's visibility.
 
   Written as two `lax.dot_general`s batched over (B, K) with the G * T query
   rows of each kv head stacked: XLA:CPU runs that form 2-5x faster than the
@@ -163,11 +165,14 @@ def attend(q, keys, values, q_pos, key_pos, window: Optional[int], strict: bool 
   scores = jax.lax.dot_general(rows, keys.astype(rows.dtype),
                                (((3,), (3,)), ((0, 1), (0, 1))))           # [B, K, TG, S]
   scores = scores.astype(jnp.float32)
-  row_pos = jnp.repeat(q_pos, G, axis=1)[:, :, None]                        # [B, TG, 1]
-  k_pos = key_pos[:, None, :]                                               # [B, 1, S]
-  mask = (k_pos < row_pos) if strict else (k_pos <= row_pos)
-  if window is not None:
-    mask &= k_pos > row_pos - window
+  if mask is not None:
+    mask = jnp.repeat(mask, G, axis=1)                                      # [B, TG, S]
+  else:
+    row_pos = jnp.repeat(q_pos, G, axis=1)[:, :, None]                      # [B, TG, 1]
+    k_pos = key_pos[:, None, :]                                             # [B, 1, S]
+    mask = (k_pos < row_pos) if strict else (k_pos <= row_pos)
+    if window is not None:
+      mask &= k_pos > row_pos - window
   scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1)
   if strict:   # a query at position 0 sees nothing: zero its uniform weights
@@ -176,6 +181,30 @@ def attend(q, keys, values, q_pos, key_pos, window: Optional[int], strict: bool 
                             (((3,), (2,)), ((0, 1), (0, 1))))               # [B, K, TG, H]
   out = out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4)                 # [B, T, K, G, H]
   return out.reshape(B, T, N * H).astype(q.dtype)
+
+
+def tree_visibility(q_pos, key_slot, first_slot, depths, ancestors, window: Optional[int]):
+  """Which keys each tree node sees: [B, T, S'] bool.
+
+  The T nodes of a tree verify pass sit in slots first_slot[b] + (0..T-1) but
+  at positions first_slot[b] + depths (siblings share a position). Node i
+  sees every cached slot before first_slot (slot == position there) and the
+  tree slots of its ancestors (itself included, ancestors [T, T] bool), all
+  within the window by position, exactly what a chain of its root-to-node
+  path would see. q_pos [B, T]; key_slot [B, S'] slot indices (visible_slots).
+  """
+  T = depths.shape[0]
+  node = key_slot - first_slot[:, None]                                     # [B, S']
+  before = node < 0                                                         # cached slots
+  in_tree = ~before & (node < T)
+  node = jnp.clip(node, 0, T - 1)
+  k_pos = jnp.where(in_tree, first_slot[:, None] + depths[node], key_slot)  # [B, S']
+  anc = jnp.take(ancestors, node, axis=1).transpose(1, 0, 2)                # [B, T, S']
+  vis = jnp.where(in_tree[:, None, :], anc, before[:, None, :])
+  vis &= k_pos[:, None, :] <= q_pos[:, :, None]
+  if window is not None:
+    vis &= k_pos[:, None, :] > q_pos[:, :, None] - window
+  return vis
 
 
 class RMSNorm(nn.Module):
@@ -198,7 +227,8 @@ class Attention(nn.Module):
   is_global: bool
 
   @nn.compact
-  def __call__(self, x, positions, cache_kv: Optional[Tuple[jax.Array, jax.Array]]):
+  def __call__(self, x, positions, cache_kv: Optional[Tuple[jax.Array, jax.Array]],
+               tree=None):
     cfg = self.config
     N, K, H, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
     B, T, _ = x.shape
@@ -233,7 +263,10 @@ class Attention(nn.Module):
       # dynamic_update_slice became a full-cache select pass per layer).
       rows = jnp.arange(B)[:, None, None]
       heads = jnp.arange(K)[None, :, None]
-      slots = positions[:, None, :]
+      # A tree's nodes take consecutive slots whatever their positions.
+      slot_ids = positions if tree is None else (
+          positions[:, :1] - tree[0][None, :1] + jnp.arange(T, dtype=jnp.int32)[None])
+      slots = slot_ids[:, None, :]
       write = lambda c, u: c.at[rows, heads, slots].set(
           u.astype(c.dtype), mode='promise_in_bounds', unique_indices=True,
           indices_are_sorted=True)
@@ -242,7 +275,10 @@ class Attention(nn.Module):
       new_kv = (keys, values)
       keys, values, key_pos = visible_slots(keys, values, positions, window)
     q = q * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, q.dtype)
-    out = attend(q, keys, values, positions, key_pos, window)
+    mask = None
+    if tree is not None:   # key_pos holds slot indices: visible_slots cut by slot
+      mask = tree_visibility(positions, key_pos, slot_ids[:, 0], tree[0], tree[1], window)
+    out = attend(q, keys, values, positions, key_pos, window, mask=mask)
     return linear(out, w_out), new_kv
 
 
@@ -265,11 +301,11 @@ class Block(nn.Module):
   is_global: bool
 
   @nn.compact
-  def __call__(self, x, positions, cache_kv):
+  def __call__(self, x, positions, cache_kv, tree=None):
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.norm_eps, name=name)
     h, new_kv = Attention(cfg, self.is_global, name='attn')(
-        norm('pre_attn_norm')(x), positions, cache_kv)
+        norm('pre_attn_norm')(x), positions, cache_kv, tree)
     x = x + norm('post_attn_norm')(h)
     h = MLP(cfg, name='mlp')(norm('pre_ffw_norm')(x))
     x = x + norm('post_ffw_norm')(h)
@@ -297,22 +333,33 @@ class Transformer(nn.Module):
     """Tied LM head: [..., D] (final-normed hidden) -> [..., V] float32."""
     return lm_head(hidden, self.embedding)
 
-  def __call__(self, tokens, cache: Optional[KVCache] = None, compute_logits: bool = True):
+  def __call__(self, tokens, cache: Optional[KVCache] = None, compute_logits: bool = True,
+               tree=None):
     """tokens [B, T] -> (logits [B, T, V] | None, hidden [B, T, D], cache).
 
     With a cache, row b's tokens take positions cache.lengths[b] + (0..T-1) and
     the returned cache has lengths + T. Without one (training, the full
     forward in tests) positions are 0..T-1 and attention is causal over T.
     `hidden` is the final-normed last-layer state: the LM head's input.
+    `tree` (with a cache; tree.py): (depths [T] int32, ancestors [T, T] bool)
+    of a token tree, node 0 the root at depth 0: the nodes still take slots
+    lengths + (0..T-1), but positions lengths + depths, and each sees the
+    cache and its ancestors only (`tree_visibility`).
     """
     B, T = tokens.shape
     offset = jnp.zeros((B,), jnp.int32) if cache is None else cache.lengths
-    positions = offset[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
+    if tree is None:
+      positions = offset[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
+    else:
+      if cache is None:
+        raise ValueError('a tree verify pass needs a cache')
+      tree = (jnp.asarray(tree[0], jnp.int32), jnp.asarray(tree[1], bool))
+      positions = offset[:, None] + tree[0][None, :]                       # [B, T]
     x = self.embed(tokens)
     new_k, new_v = [], []
     for i, block in enumerate(self.blocks):
       kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, new_kv = block(x, positions, kv)
+      x, new_kv = block(x, positions, kv) if tree is None else block(x, positions, kv, tree)
       if new_kv is not None:
         new_k.append(new_kv[0])
         new_v.append(new_kv[1])

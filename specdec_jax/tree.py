@@ -1,0 +1,334 @@
+"""Tree drafting: several candidates per position, verified in one target pass.
+
+A chain of k drafts loses everything after its first wrong guess; a tree
+offers siblings at each depth (SpecInfer, Medusa, Sequoia). The tree here has
+a static shape, `TreeShape(branching=(b_1, .., b_D))`: the root is the
+pending token (depth 0) and every node at depth d - 1 has b_d children, so
+(2, 2, 1) has 1 + 2 + 4 + 4 = 11 nodes. Nodes are numbered breadth first,
+siblings in proposal order (worked example for (2, 1)):
+
+    node     0   1   2   3   4        parents  [-1, 0, 0, 1, 2]
+    depth    0   1   1   2   2        children [[1, 2], [3, -1], [4, -1], ..]
+    path     ()  (0) (1) (0,0) (1,0)  ancestors[3] = nodes {0, 1, 3}
+
+The verify pass (`Transformer(..., tree=(depths, ancestors))`) writes node i
+at cache slot L + i with position L + depth_i, each node attending to the
+cache and its ancestors: its logits are those of the chain of its
+root-to-node path. After acceptance `commit_path` gathers the accepted path's
+keys/values into slots L + depth (slot == position again); the rest of the
+tree lies beyond the cut `lengths` and is overwritten before anything reads it.
+
+Acceptance, per row:
+  greedy  - the deepest node whose every ancestor's token (and its own) is
+            the target's argmax at its parent; then the argmax at that node.
+  sampled - recursive rejection sampling over siblings (SpecInfer's
+            multi-step speculative sampling, SpecTr with k = 1 per step): at
+            node c with target distribution p, try its children x_1, x_2, ..
+            in order: accept x_j with probability min(1, p(x_j) / q_j(x_j));
+            on rejection p <- norm(max(p - q_j, 0)) and try the next sibling;
+            when every child is rejected (or c is a leaf) draw the token from
+            the current p. Each step is the chain's exact rule applied to the
+            residual target left by the earlier siblings, so it is exact when
+            sibling j was drawn from q_j independently of the earlier
+            siblings given the prefix: i.i.d. samples from one q (with
+            replacement), or deterministic proposals (top-b, n-gram matches),
+            whose q_j is one-hot(x_j) (`draft_probs=None`): then x_j is
+            accepted with probability p(x_j) and p loses x_j on rejection.
+            The draft generators below are all deterministic.
+"""
+import dataclasses
+import functools
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specdec_jax.errors import UserError
+from specdec_jax.model import KVCache
+
+
+@functools.lru_cache(maxsize=None)
+def _layout(branching: Tuple[int, ...]):
+  """numpy tables of a tree shape (built once, at trace time)."""
+  parents, depths, ranks = [-1], [0], [0]
+  level = [0]
+  for d, b in enumerate(branching, start=1):
+    nxt = []
+    for parent in level:
+      for j in range(b):
+        nxt.append(len(parents))
+        parents.append(parent)
+        depths.append(d)
+        ranks.append(j)
+    level = nxt
+  T, D = len(parents), len(branching)
+  parents, depths = np.array(parents, np.int32), np.array(depths, np.int32)
+  ancestors = np.eye(T, dtype=bool)                                      # [T, T] self included
+  for i in range(1, T):
+    ancestors[i] |= ancestors[parents[i]]
+  children = np.full((T, max(branching)), -1, np.int32)                 # [T, b_max]
+  for i in range(1, T):
+    children[parents[i], ranks[i]] = i
+  # path_nodes[i, d]: node i's ancestor at depth d (node i itself past its depth).
+  path_nodes = np.zeros((T, D + 1), np.int32)                            # [T, D+1]
+  for i in range(T):
+    node = i
+    for d in range(depths[i], -1, -1):
+      path_nodes[i, d] = node
+      node = parents[node]
+    path_nodes[i, depths[i] + 1:] = i
+  return dict(parents=parents, depths=depths, ranks=np.array(ranks, np.int32),
+              ancestors=ancestors, children=children, path_nodes=path_nodes)
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeShape:
+  """A static draft tree: `branching[d]` children per node at depth d."""
+  branching: Tuple[int, ...]
+
+  def __post_init__(self):
+    b = tuple(self.branching)
+    if not b or not all(isinstance(x, (int, np.integer)) and x >= 1 for x in b):
+      raise UserError(f'tree branching {b!r}: every depth needs a branching factor >= 1')
+    object.__setattr__(self, 'branching', tuple(int(x) for x in b))
+
+  @property
+  def depth(self) -> int:
+    return len(self.branching)
+
+  @property
+  def num_nodes(self) -> int:
+    """Verify rows: the root (the pending token) and the drafted nodes."""
+    return len(self.layout['parents'])
+
+  @property
+  def layout(self):
+    return _layout(self.branching)
+
+  @property
+  def mask(self):
+    """(depths [T] int32, ancestors [T, T] bool): the model's `tree` argument."""
+    return self.layout['depths'], self.layout['ancestors']
+
+  def leaves(self):
+    """The root-to-leaf node lists (for tests)."""
+    lay = self.layout
+    return [lay['path_nodes'][i].tolist() for i in range(self.num_nodes)
+            if lay['depths'][i] == self.depth]
+
+
+def check_fits(shape: TreeShape, longest_prompt: int, max_new_tokens: int, cache_size: int):
+  """UserError unless a verify pass over the tree fits in the cache: it writes
+  num_nodes slots from the pending token on (a chain's margin is k + 1)."""
+  need = longest_prompt + max_new_tokens + shape.num_nodes
+  if need > cache_size:
+    raise UserError(f'tree {shape.branching} has {shape.num_nodes} nodes: prompt '
+                    f'({longest_prompt}) + max_new_tokens ({max_new_tokens}) + nodes needs a '
+                    f'cache of {need} > cache_size {cache_size}; use a smaller tree')
+
+
+# ----------------------------------------------------------------------------
+# Cache.
+# ----------------------------------------------------------------------------
+
+def commit_path(cache: KVCache, first_slot, path) -> KVCache:
+  """Moves the accepted path's keys/values to the slots of their positions.
+
+  first_slot [B]: the root's slot (the verify pass wrote node i at
+  first_slot + i); path [B, D+1]: node at each depth. Slot first_slot + d
+  gets node path[d]'s entry; path[d] >= d (breadth-first numbering), and all
+  entries are read before any is written. Lengths are left to the caller.
+  """
+  B, D1 = path.shape
+  src = first_slot[:, None] + path                                       # [B, D+1]
+  dst = first_slot[:, None] + jnp.arange(D1, dtype=jnp.int32)[None]      # [B, D+1]
+  rows = jnp.arange(B)[:, None, None]
+  heads = jnp.arange(cache.k[0].shape[1])[None, :, None]
+
+  def move(c):                                                           # [B, K, S, H]
+    moved = jnp.take_along_axis(c, src[:, None, :, None], axis=2)        # [B, K, D+1, H]
+    return c.at[rows, heads, dst[:, None, :]].set(moved, mode='promise_in_bounds',
+                                                 unique_indices=True)
+  return cache.replace(k=tuple(map(move, cache.k)), v=tuple(map(move, cache.v)))
+
+
+# ----------------------------------------------------------------------------
+# Acceptance.
+# ----------------------------------------------------------------------------
+
+def accept_greedy(shape: TreeShape, node_tokens, target_logits):
+  """node_tokens [B, T] (node 0 the pending token), target_logits [B, T, V]
+  -> (best [B] deepest node on an all-matching path, next_token [B])."""
+  lay = shape.layout
+  parents = np.maximum(lay['parents'], 0)
+  best_at = jnp.argmax(target_logits, axis=-1)                           # [B, T]
+  match = node_tokens == best_at[:, parents]                             # [B, T]
+  match = match.at[:, 0].set(True)
+  # On the path iff every ancestor (itself included) matches.
+  ok = jnp.all(match[:, None, :] | ~lay['ancestors'][None], axis=-1)    # [B, T]
+  best = jnp.argmax(jnp.where(ok, lay['depths'][None], -1), axis=-1).astype(jnp.int32)
+  return best, jnp.take_along_axis(best_at, best[:, None], axis=1)[:, 0].astype(jnp.int32)
+
+
+def accept_sampled(shape: TreeShape, keys, node_tokens, target_probs, draft_probs=None,
+                   residual_update: bool = True):
+  """Recursive rejection sampling down the tree (module docstring).
+
+  keys [B]; node_tokens [B, T]; target_probs p [B, T, V] (warped; p[:, i]
+  is the target's distribution after node i); draft_probs q [B, T, V] (the
+  distribution node i was drawn from) or None for deterministic proposals.
+  residual_update=False is a deliberately wrong variant for the tests'
+  power check (p is not reduced between siblings).
+  Returns (best [B] the last accepted node, next_token [B]).
+  """
+  lay = shape.layout
+  B, T, V = target_probs.shape
+  b_max = lay['children'].shape[1]
+  u_key, r_key = jax.vmap(lambda key: jax.random.split(key))(keys).transpose(1, 0)
+  u = jax.vmap(lambda key: jax.random.uniform(key, (shape.depth, b_max)))(u_key)   # [B, D, b]
+  rows = jnp.arange(B)
+  children = jnp.asarray(lay['children'])
+  cur = jnp.zeros((B,), jnp.int32)
+  walking = jnp.ones((B,), bool)               # still descending
+  p = target_probs[:, 0]                        # [B, V]
+  for d in range(shape.depth):
+    p = jnp.where(walking[:, None], target_probs[rows, cur], p)
+    base = p
+    chosen = jnp.full((B,), -1, jnp.int32)
+    for j in range(b_max):
+      c = children[cur, j]                                               # [B]
+      trying = walking & (c >= 0) & (chosen < 0)
+      cc = jnp.maximum(c, 0)
+      x = node_tokens[rows, cc]                                          # [B]
+      q = (jax.nn.one_hot(x, V, dtype=p.dtype) if draft_probs is None
+           else draft_probs[rows, cc])                                   # [B, V]
+      px, qx = p[rows, x], q[rows, x]
+      if not residual_update:
+        px = base[rows, x]
+      ok = trying & (u[:, d, j] * qx < px)
+      chosen = jnp.where(ok, c, chosen)
+      rejected = trying & ~ok
+      residual = jnp.maximum(p - q, 0.0)
+      mass = jnp.sum(residual, axis=-1, keepdims=True)
+      # mass > 0 after a rejection (p(x) < q(x) there); the guard covers round-off.
+      residual = jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p)
+      if residual_update:
+        p = jnp.where(rejected[:, None], residual, p)
+    cur = jnp.where(walking & (chosen >= 0), chosen, cur)
+    walking = walking & (chosen >= 0)
+  # A row still walking reached a leaf: its bonus token comes from p there.
+  p = jnp.where(walking[:, None], target_probs[rows, cur], p)
+  nxt = jax.vmap(jax.random.categorical)(r_key, jnp.log(p)).astype(jnp.int32)
+  return cur, nxt
+
+
+# ----------------------------------------------------------------------------
+# Proposals: node tokens [B, T] (node 0 = the pending token), deterministic.
+# ----------------------------------------------------------------------------
+
+def expand_top(shape: TreeShape, head_logits):
+  """Medusa's product tree: head_logits [B, D, V'] (head d
+  predicts the token at depth d + 1 with any prefix). A node at depth d with
+  sibling rank j holds head d-1's j-th best token. Returns ranked indices
+  into V' ([B, T], node 0 = -1: the caller puts the pending token there)."""
+  lay = shape.layout
+  b_max = max(shape.branching)
+  top = jax.lax.top_k(head_logits, b_max)[1]                             # [B, D, b_max]
+  d = np.maximum(lay['depths'] - 1, 0)
+  picked = top[:, d, lay['ranks']]                                       # [B, T]
+  return picked.at[:, 0].set(-1)
+
+
+def propose_heads(drafter, shape: TreeShape, params, tokens, lengths, target):
+  """A tree from a HeadsDrafter: per head its top-b tokens (of its logits;
+  warping keeps the order, and top-k/top-p only cut the tail, where a
+  proposal is simply rejected), products along the tree. [B, T] int32."""
+  from specdec_jax.drafter_models import HeadsNet
+  if shape.depth > drafter.config.num_draft_heads:
+    raise UserError(f'tree {shape.branching} is {shape.depth} deep; the heads drafter has '
+                    f'{drafter.config.num_draft_heads} heads')
+  sub, embed = drafter._inputs(params, target)
+  pending = jnp.take_along_axis(tokens, (lengths - 1)[:, None], axis=1)[:, 0]
+  logits = HeadsNet(drafter.config).apply({'params': params['net']}, embed(pending),
+                                          target.hidden[:, None], sub)[:, 0, :shape.depth]
+  idx = expand_top(shape, logits)                                        # [B, T]
+  ids = params['vocab'][jnp.maximum(idx, 0)]
+  return jnp.where(idx < 0, pending[:, None], ids).astype(jnp.int32)
+
+
+def propose_ngram(drafter, shape: TreeShape, tokens, lengths):
+  """A tree from prompt lookup, for shapes (b, 1, .., 1): b chains, the
+  continuations of the b most recent earlier occurrences of the context's
+  last n tokens (longest n first, as NgramDrafter). Missing candidates are
+  the last token repeated: still deterministic, hence exact. [B, T] int32."""
+  if any(x != 1 for x in shape.branching[1:]):
+    raise UserError(f'tree {shape.branching}: ngram trees branch at the first depth only '
+                    f'(b, 1, .., 1)')
+  B, S = tokens.shape
+  b, D = shape.branching[0], shape.depth
+  m = drafter.max_ngram
+  starts = jnp.arange(S)
+  suffix = jnp.take_along_axis(
+      tokens, jnp.clip(lengths[:, None] - m + jnp.arange(m), 0, S - 1), axis=1)   # [B, m]
+  # score[b, e] = n * S + e for the longest n-gram match ending just before
+  # e (where its proposal begins): longest first, then most recent; indexed
+  # by e so two n-grams proposing the same continuation count once.
+  score = jnp.full((B, S), -1, jnp.int32)
+  for n in range(drafter.min_ngram, m + 1):
+    match = jnp.ones((B, S), bool)
+    for i in range(n):
+      match &= jnp.roll(tokens, -i, axis=1) == suffix[:, m - n + i][:, None]
+    valid = (starts[None, :] + n <= lengths[:, None] - 1) & (lengths[:, None] >= n)
+    # Shift start j to end j + n (the wrapped-around starts are never valid).
+    hit = jnp.roll(match & valid, n, axis=1)
+    score = jnp.where(hit, n * S + starts[None, :], score)
+  val, _ = jax.lax.top_k(score, b)                                       # [B, b]
+  begin = jnp.where(val >= 0, val % S, -1)                               # proposal starts
+  lay = shape.layout
+  chain = lay['ranks'][lay['path_nodes'][:, 1]]                          # [T] branch of node
+  idx = begin[:, chain] + np.maximum(lay['depths'] - 1, 0)[None]        # [B, T]
+  found = (begin[:, chain] >= 0) & (idx < lengths[:, None])
+  idx = jnp.where(found, idx, lengths[:, None] - 1)
+  idx = idx.at[:, 0].set(lengths - 1)                                    # the root: pending
+  return jnp.take_along_axis(tokens, idx, axis=1).astype(jnp.int32)
+
+
+def check_drafter(drafter, shape: TreeShape):
+  """UserError unless `drafter` can propose trees of this shape."""
+  from specdec_jax import drafters
+  if drafter is None or not isinstance(drafter, (drafters.NgramDrafter, drafters.HeadsDrafter)):
+    raise UserError(f'tree drafting needs an ngram or heads drafter, not '
+                    f'{type(drafter).__name__}')
+  if drafter.draft_len != shape.depth:
+    raise UserError(f'tree {shape.branching} is {shape.depth} deep: the drafter\'s draft_len '
+                    f'({drafter.draft_len}) must equal it')
+  if isinstance(drafter, drafters.NgramDrafter) and any(x != 1 for x in shape.branching[1:]):
+    raise UserError(f'tree {shape.branching}: ngram trees branch at the first depth only '
+                    f'(b, 1, .., 1)')
+  if isinstance(drafter, drafters.HeadsDrafter) and shape.depth > drafter.config.num_draft_heads:
+    raise UserError(f'tree {shape.branching} is {shape.depth} deep; the heads drafter has '
+                    f'{drafter.config.num_draft_heads} heads')
+
+
+def propose(drafter, shape: TreeShape, params, tokens, lengths, target):
+  """Node tokens [B, T] of the drafter's tree (node 0 = the pending token)."""
+  from specdec_jax import drafters
+  if isinstance(drafter, drafters.NgramDrafter):
+    return propose_ngram(drafter, shape, tokens, lengths)
+  return propose_heads(drafter, shape, params, tokens, lengths, target)
+
+
+def check_tree_generator(gen):
+  """The Generator's checks for a tree (UserError)."""
+  from specdec_jax.config import ModelConfig
+  if not isinstance(gen.tree, TreeShape):
+    raise UserError(f'tree must be a tree.TreeShape, not {gen.tree!r}')
+  if gen.policy is not None:
+    raise UserError('a draft tree and a draft-length policy do not combine')
+  if not isinstance(gen.config, ModelConfig):
+    raise UserError('tree verify passes need a Gemma 3 target (model.Transformer)')
+  check_drafter(gen.drafter, gen.tree)
+  if gen.tree.num_nodes >= gen.cache_size:
+    raise UserError(f'tree {gen.tree.branching} has {gen.tree.num_nodes} nodes, more than '
+                    f'cache_size {gen.cache_size} leaves room for')

@@ -1,0 +1,249 @@
+"""Tree drafting (tree.py) is exact: the tree-masked verify pass gives each
+root-to-leaf path the chain's logits and cache; greedy tree decoding == AR
+token for token; sampled == AR in distribution, and the sibling rule is
+exact on its own (with a power check)."""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from specdec_jax import drafters, generate
+from specdec_jax import tree as tree_lib
+from specdec_jax.errors import UserError
+from specdec_jax.model import KVCache, Transformer
+
+from test_speculative import (NEW, N, PROMPTS, SETTINGS, chi2_stat, chi2_tests,  # noqa: F401
+                              small_target, trained_drafter)
+from scipy_free_chi2 import chi2_quantile_999
+
+
+def test_layout_worked_example():
+  lay = tree_lib.TreeShape((2, 1)).layout
+  assert lay['parents'].tolist() == [-1, 0, 0, 1, 2]
+  assert lay['depths'].tolist() == [0, 1, 1, 2, 2]
+  assert lay['children'].tolist() == [[1, 2], [3, -1], [4, -1], [-1, -1], [-1, -1]]
+  assert np.flatnonzero(lay['ancestors'][3]).tolist() == [0, 1, 3]
+  assert tree_lib.TreeShape((2, 2, 1)).num_nodes == 11
+  assert tree_lib.TreeShape((2, 1)).leaves() == [[0, 1, 3], [0, 2, 4]]
+
+
+@pytest.mark.parametrize('branching', [(2, 2, 1), (2, 1, 1, 1, 1)])   # the 2nd deeper than the window
+def test_tree_verify_equals_chain_per_path(tiny, branching):
+  """Two rows at different lengths: every root-to-leaf path's logits and
+  hidden states from the tree pass equal a chain pass over that path, and
+  after commit_path the cache holds the chain's keys/values at the path's
+  positions (and the prefix is untouched)."""
+  cfg, params = tiny
+  shape = tree_lib.TreeShape(branching)
+  apply = Transformer(cfg).apply
+  B, T, S = 2, shape.num_nodes, 32
+  prompts = jnp.array(np.random.default_rng(0).integers(3, cfg.vocab_size, (B, 9)))
+  cache = KVCache.init(cfg, B, S)
+  _, _, cache = apply({'params': params}, prompts, cache, compute_logits=False)
+  cache = cache.replace(lengths=jnp.array([9, 6]))             # row 1 rolled back to 6
+  nodes = jnp.array(np.random.default_rng(1).integers(3, cfg.vocab_size, (B, T)))
+  logits, hidden, tcache = apply({'params': params}, nodes, cache, tree=shape.mask)
+  assert (tcache.lengths == cache.lengths + T).all()
+  for path in shape.leaves():
+    chain_logits, chain_hidden, ccache = apply({'params': params}, nodes[:, path], cache)
+    np.testing.assert_allclose(logits[:, path], chain_logits, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(hidden[:, path], chain_hidden, atol=1e-5, rtol=1e-5)
+    committed = tree_lib.commit_path(tcache, cache.lengths,
+                                     jnp.broadcast_to(jnp.array(path), (B, len(path))))
+    for b, L in enumerate(cache.lengths.tolist()):
+      for got, want in zip(committed.k + committed.v, ccache.k + ccache.v):
+        np.testing.assert_allclose(got[b, :, :L + len(path)], want[b, :, :L + len(path)],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def run_tree(cfg, params, prompts, drafter, dparams, shape, *, max_new=17, greedy=True,
+             batch_size=None, seed=0, temperature=0.0, top_k=0, top_p=1.0, cache_size=64,
+             bucket_len=16):
+  gen = generate.Generator(cfg, cache_size=cache_size, greedy=greedy, drafter=drafter,
+                           tree=shape)
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(len(prompts)))
+  batch = generate.make_batch(prompts, batch_size=batch_size or len(prompts), bucket_len=bucket_len,
+                              max_new_tokens=max_new, keys=keys, temperature=temperature,
+                              top_k=top_k, top_p=top_p)
+  return generate.completions(gen.generate(params, batch, dparams), cfg.eos_id)
+
+
+REPETITIVE = [[2, 10, 11, 12, 10, 11, 12, 10, 11], [2, 5, 6, 5, 7, 5, 6, 5], [2, 30, 31]]
+
+
+def test_greedy_tree_equals_autoregressive(tiny):
+  """heads (Medusa product of top-b) and ngram (b chains) trees, ragged
+  batch rows: the AR tokens exactly; with the AR output itself as the
+  context, ngram's tree accepts whole paths (fewer target calls)."""
+  cfg, params = tiny
+  gen_ar = lambda prompts: run_tree(cfg, params, prompts, None, None, None)
+  ar = gen_ar(PROMPTS + REPETITIVE)
+  cases = {
+      'heads': trained_drafter(cfg, 'heads', 3) + (tree_lib.TreeShape((3, 2, 1)),),
+      'ngram': (drafters.NgramDrafter(4, cfg.vocab_size), None, tree_lib.TreeShape((3, 1, 1, 1))),
+  }
+  for name, (d, dp, shape) in cases.items():
+    sp = run_tree(cfg, params, PROMPTS + REPETITIVE, d, dp, shape, batch_size=9)
+    assert [s['completion_ids'] for s in sp] == [a['completion_ids'] for a in ar], name
+    solo = run_tree(cfg, params, [PROMPTS[2]], d, dp, shape)[0]
+    assert solo['completion_ids'] == ar[2]['completion_ids'], name
+  # The AR continuation repeated: ngram finds it, the tree accepts deep paths.
+  loop = ar[0]['prompt_ids'] + ar[0]['completion_ids'] + ar[0]['prompt_ids'][1:]
+  d, _, shape = cases['ngram']
+  again = run_tree(cfg, params, [loop], None, None, None, max_new=12, cache_size=96,
+                   bucket_len=32)[0]
+  sp = run_tree(cfg, params, [loop], d, None, shape, max_new=12, cache_size=96, bucket_len=32)[0]
+  assert sp['completion_ids'] == again['completion_ids']
+  assert sp['target_calls'] < 12 and max(sp['accepted_by_position']) > 0
+
+
+# ----------------------------------------------------------------------------
+# Sampled.
+# ----------------------------------------------------------------------------
+
+def _sample_tree(shape, p, nodes, draft_probs=None, rows=20000, seed=0, **kw):
+  """Rows of one fixed tree: (best node, next token) per row, numpy."""
+  keys = jax.random.split(jax.random.key(seed), rows)
+  tile = lambda x: jnp.broadcast_to(x, (rows,) + x.shape[1:]) if x.shape[0] == 1 else x
+  best, nxt = jax.jit(functools.partial(tree_lib.accept_sampled, shape, **kw))(
+      keys, tile(nodes), tile(p), None if draft_probs is None else tile(draft_probs))
+  return np.asarray(best), np.asarray(nxt)
+
+
+def _emitted(shape, nodes, best, nxt):
+  """First two emitted tokens per row ([rows, 2]; -1 where only one)."""
+  lay = shape.layout
+  path = lay['path_nodes'][best]                                          # [rows, D+1]
+  depth = lay['depths'][best]
+  toks = np.take_along_axis(np.broadcast_to(np.asarray(nodes), path.shape[:1] + nodes.shape[-1:]),
+                            path[:, 1:], axis=1)
+  toks = np.pad(toks, [(0, 0), (0, 1)], constant_values=-1)              # a depth-1 tree
+  first = np.where(depth >= 1, toks[:, 0], nxt)
+  second = np.where(depth >= 2, toks[:, 1], np.where(depth == 1, nxt, -1))
+  return first, second
+
+
+def _sibling_rule_ratios(residual_update):
+  """Deterministic siblings (the target's top tokens, so rejections and
+  acceptances both happen often) at depth 1 and 2 of a (3, 2) tree over
+  V = 8: the first emitted token must follow p at the root, the second,
+  given that the first is child c's token, p at c. Returns the chi-square
+  ratios (> 1 rejects)."""
+  shape = tree_lib.TreeShape((3, 2))
+  lay = shape.layout
+  V, T = 8, shape.num_nodes
+  rng = np.random.default_rng(0)
+  p = rng.dirichlet(np.full(V, 0.5), T).astype(np.float32)               # [T, V]
+  nodes = np.zeros(T, np.int32)
+  for i in range(T):   # children: the parent's top tokens in order
+    kids = lay['children'][i][lay['children'][i] >= 0]
+    nodes[kids] = np.argsort(-p[i])[:len(kids)]
+  best, nxt = _sample_tree(shape, jnp.asarray(p)[None], jnp.asarray(nodes)[None],
+                           residual_update=residual_update)
+  first, second = _emitted(shape, nodes, best, nxt)
+  ratios = []
+  stat, dof = chi2_stat(first, p[0])
+  ratios.append(stat / chi2_quantile_999(dof))
+  for c in lay['children'][0]:
+    sel = (first == nodes[c]) & (second >= 0)   # (a wrong rule may redraw it at the root)
+    stat, dof = chi2_stat(second[sel], p[c])
+    ratios.append(stat / chi2_quantile_999(dof))
+  return ratios
+
+
+def test_sibling_rule_is_exact_and_the_test_sees_a_wrong_one():
+  assert max(_sibling_rule_ratios(True)) < 1
+  # Power: siblings tested against the root's p, never its residual.
+  assert max(_sibling_rule_ratios(False)) > 1
+
+
+def test_sibling_rule_with_iid_sampled_siblings():
+  """Siblings drawn i.i.d. from a q (with replacement), draft_probs = q:
+  the first emitted token follows p."""
+  shape = tree_lib.TreeShape((3,))
+  V, rows = 8, 20000
+  rng = np.random.default_rng(1)
+  p = rng.dirichlet(np.full(V, 0.5), 4).astype(np.float32)
+  q = rng.dirichlet(np.full(V, 0.5)).astype(np.float32)
+  kids = jax.random.categorical(jax.random.key(5), jnp.log(jnp.asarray(q)), shape=(rows, 3))
+  nodes = jnp.concatenate([jnp.zeros((rows, 1), jnp.int32), kids.astype(jnp.int32)], 1)
+  dprobs = jnp.broadcast_to(jnp.asarray(q), (rows, 4, V))
+  best, nxt = _sample_tree(shape, jnp.asarray(p)[None], nodes, dprobs, rows=rows)
+  first, _ = _emitted(shape, np.asarray(nodes), best, nxt)
+  stat, dof = chi2_stat(first, p[0])
+  assert stat < chi2_quantile_999(dof)
+  assert (best > 0).mean() > 0.3          # siblings were accepted, not only residual draws
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchedTreeGenerator(generate.Generator):
+  """Not equal to any Generator: jit traces the patched rule in afresh."""
+  patch: str = ''
+
+
+def sampled_tree_run(cfg, params, prompt, drafter, dparams, shape, setting, gen_cls=None):
+  temperature, top_k, top_p = setting
+  gen = (gen_cls or generate.Generator)(cfg, cache_size=24, greedy=False, drafter=drafter,
+                                        tree=shape)
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(N))
+  batch = generate.make_batch([prompt] * N, batch_size=N, bucket_len=16, max_new_tokens=NEW,
+                              keys=keys, temperature=temperature, top_k=top_k, top_p=top_p)
+  return generate.completions(gen.generate(params, batch, dparams), cfg.eos_id)
+
+
+@pytest.mark.parametrize('kind', ['heads', 'ngram'])
+def test_sampled_tree_matches_autoregressive_distribution(small_target, kind, monkeypatch):
+  """4096 tree-decoded samples of 3 tokens vs the exact AR distributions
+  (marginals and the joints across the first round's boundary), at T = 1;
+  and the same with the sibling residual not updated (power)."""
+  cfg, params, _, reference = small_target
+  setting = SETTINGS[0]
+  if kind == 'heads':
+    d, dp = trained_drafter(cfg, 'heads', 2, seed=3, vocab_size=12)
+    shape, prompt = tree_lib.TreeShape((3, 2)), [2, 5, 9]
+  else:     # three earlier continuations of 5: [9, 7, 3]
+    d, dp = drafters.NgramDrafter(2, cfg.vocab_size), None
+    shape, prompt = tree_lib.TreeShape((3, 1)), [2, 5, 9, 5, 7, 5, 3, 1, 5]
+  spec = sampled_tree_run(cfg, params, prompt, d, dp, shape, setting)
+  calls = np.array([s['target_calls'] for s in spec])
+  assert calls.sum() < N * NEW and (calls >= 2).mean() > 0.5
+  ref = reference(setting, prompt)
+  for name, ratio in chi2_tests(spec, ref, cfg.vocab_size):
+    assert ratio < 1, (name, ratio)
+  if kind == 'ngram':
+    monkeypatch.setattr(tree_lib, 'accept_sampled',
+                        functools.partial(tree_lib.accept_sampled, residual_update=False))
+    broken = sampled_tree_run(cfg, params, prompt, d, dp, shape, setting,
+                              functools.partial(PatchedTreeGenerator, patch='no_residual'))
+    ratios = dict(chi2_tests(broken, ref, cfg.vocab_size))
+    assert max(ratios.values()) > 1, ratios
+
+
+# ----------------------------------------------------------------------------
+# Bad input.
+# ----------------------------------------------------------------------------
+
+def test_bad_trees_are_one_clear_error(tiny):
+  cfg, params = tiny
+  with pytest.raises(UserError, match='branching factor >= 1'):
+    tree_lib.TreeShape((2, 0))
+  with pytest.raises(UserError, match='branching factor >= 1'):
+    tree_lib.TreeShape(())
+  shape = tree_lib.TreeShape((4, 4, 4))                                  # 85 nodes
+  with pytest.raises(UserError, match='cache_size 64'):
+    generate.Generator(cfg, cache_size=64, drafter=trained_drafter(cfg, 'heads', 3)[0],
+                       tree=shape)
+  with pytest.raises(UserError, match='needs a cache of'):
+    tree_lib.check_fits(tree_lib.TreeShape((2, 2)), 20, 40, 64)
+  with pytest.raises(UserError, match='draft_len'):
+    generate.Generator(cfg, cache_size=64, drafter=drafters.NgramDrafter(2, cfg.vocab_size),
+                       tree=tree_lib.TreeShape((2, 1, 1)))
+  with pytest.raises(UserError, match='first depth only'):
+    generate.Generator(cfg, cache_size=64, drafter=drafters.NgramDrafter(2, cfg.vocab_size),
+                       tree=tree_lib.TreeShape((2, 2)))
+  with pytest.raises(UserError, match='ngram or heads'):
+    generate.Generator(cfg, cache_size=64, drafter=drafters.DraftModelDrafter(cfg, 2),
+                       tree=tree_lib.TreeShape((2, 2)))
