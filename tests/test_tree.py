@@ -100,6 +100,34 @@ def test_greedy_tree_equals_autoregressive(tiny):
   assert sp['target_calls'] < 12 and max(sp['accepted_by_position']) > 0
 
 
+@pytest.mark.parametrize('temperature', [0.0, 1.0])
+def test_batch_rows_equal_solo_runs(tiny, temperature):
+  """A batch mixing a row whose ngram drafter abstains (no earlier
+  occurrence) with rows that verify trees: every row gets its solo run's
+  tokens and call counts, greedy and sampled (keys depend on row and
+  position only)."""
+  cfg, params = tiny
+  d, shape = drafters.NgramDrafter(2, cfg.vocab_size), tree_lib.TreeShape((2, 1))
+  prompts = [[2, 30, 31, 32, 33]] + REPETITIVE[:2]
+  stats = lambda r: (r['completion_ids'], r['target_calls'], r['draft_calls'])
+  kw = dict(greedy=temperature == 0, temperature=temperature)
+  batched = run_tree(cfg, params, prompts, d, None, shape, batch_size=4, **kw)
+  solo = [_solo(cfg, params, prompts, i, d, shape, temperature) for i in range(len(prompts))]
+  assert [stats(r) for r in batched] == [stats(r) for r in solo]
+  assert solo[0]['draft_calls'] < solo[0]['target_calls']      # abstained at least once
+  assert solo[1]['draft_calls'] > 0                              # and verified trees
+
+
+def _solo(cfg, params, prompts, i, drafter, shape, temperature):
+  """Row i of `prompts` alone, with the PRNG stream it has in the batch."""
+  gen = generate.Generator(cfg, cache_size=64, greedy=temperature == 0, drafter=drafter,
+                           tree=shape)
+  keys = jax.random.fold_in(jax.random.key(0), i)[None]
+  batch = generate.make_batch([prompts[i]], batch_size=1, bucket_len=16, max_new_tokens=17,
+                              keys=keys, temperature=temperature)
+  return generate.completions(gen.generate(params, batch), cfg.eos_id)[0]
+
+
 # ----------------------------------------------------------------------------
 # Sampled.
 # ----------------------------------------------------------------------------
