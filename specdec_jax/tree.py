@@ -34,7 +34,8 @@ Acceptance, per row:
             replacement), or deterministic proposals (top-b, n-gram matches),
             whose q_j is one-hot(x_j) (`draft_probs=None`): then x_j is
             accepted with probability p(x_j) and p loses x_j on rejection.
-            The draft generators below are all deterministic.
+            The proposals below (heads, mtp: top-b; ngram: matches) are
+            all deterministic.
 """
 import dataclasses
 import functools
@@ -257,6 +258,34 @@ def propose_heads(drafter, shape: TreeShape, params, tokens, lengths, target):
   return jnp.where(idx < 0, pending[:, None], ids).astype(jnp.int32)
 
 
+def propose_mtp(drafter, shape: TreeShape, params, tokens, lengths, target):
+  """A tree from the recurrent MTPDrafter: each node's children are the
+  drafter's top-b tokens given the path to it (EAGLE's static tree). One
+  drafter call per depth runs every node of the previous depth as a query
+  row: MTPNet's rows are independent (they read only the target's cache, at
+  the pending token's position, as the chain's steps do). [B, T] int32."""
+  from specdec_jax.drafter_models import MTPNet
+  cfg = drafter.config
+  sub, embed = drafter._inputs(params, target)
+  kvs = tuple((target.cache.k[l], target.cache.v[l]) for l in cfg.kv_layers)
+  net = MTPNet(cfg)
+  B = tokens.shape[0]
+  level = jnp.take_along_axis(tokens, (lengths - 1)[:, None], axis=1)   # [B, n] tokens
+  h = target.hidden[:, None]                                             # [B, n, D]
+  out = [level]
+  for b in shape.branching:
+    n = level.shape[1]
+    emb = embed(level.reshape(-1))[:, 0].reshape(B, n, -1)               # [B, n, D]
+    q_pos = jnp.broadcast_to((lengths - 1)[:, None], (B, n))
+    h, logits = net.apply({'params': params['net']}, emb, h, q_pos, kvs, sub)   # [B, n, R]
+    top = jax.lax.top_k(logits, b)[1]                                    # [B, n, b]
+    # Parent-major, rank-minor: the breadth-first numbering of the layout.
+    level = params['vocab'][top].reshape(B, n * b)
+    h = jnp.repeat(h, b, axis=1)                                         # children's state
+    out.append(level)
+  return jnp.concatenate(out, 1).astype(jnp.int32)
+
+
 def propose_ngram(drafter, shape: TreeShape, tokens, lengths):
   """A tree from prompt lookup, for shapes (b, 1, .., 1): b chains, the
   continuations of the b most recent earlier occurrences of the context's
@@ -297,8 +326,9 @@ def propose_ngram(drafter, shape: TreeShape, tokens, lengths):
 def check_drafter(drafter, shape: TreeShape):
   """UserError unless `drafter` can propose trees of this shape."""
   from specdec_jax import drafters
-  if drafter is None or not isinstance(drafter, (drafters.NgramDrafter, drafters.HeadsDrafter)):
-    raise UserError(f'tree drafting needs an ngram or heads drafter, not '
+  kinds = (drafters.NgramDrafter, drafters.HeadsDrafter, drafters.MTPDrafter)
+  if drafter is None or not isinstance(drafter, kinds):
+    raise UserError(f'tree drafting needs an ngram, heads or mtp drafter, not '
                     f'{type(drafter).__name__}')
   if drafter.draft_len != shape.depth:
     raise UserError(f'tree {shape.branching} is {shape.depth} deep: the drafter\'s draft_len '
@@ -316,6 +346,8 @@ def propose(drafter, shape: TreeShape, params, tokens, lengths, target):
   from specdec_jax import drafters
   if isinstance(drafter, drafters.NgramDrafter):
     return propose_ngram(drafter, shape, tokens, lengths)
+  if isinstance(drafter, drafters.MTPDrafter):
+    return propose_mtp(drafter, shape, params, tokens, lengths, target)
   return propose_heads(drafter, shape, params, tokens, lengths, target)
 
 

@@ -83,6 +83,7 @@ def test_greedy_tree_equals_autoregressive(tiny):
   ar = gen_ar(PROMPTS + REPETITIVE)
   cases = {
       'heads': trained_drafter(cfg, 'heads', 3) + (tree_lib.TreeShape((3, 2, 1)),),
+      'mtp': trained_drafter(cfg, 'mtp', 3) + (tree_lib.TreeShape((2, 2, 2)),),
       'ngram': (drafters.NgramDrafter(4, cfg.vocab_size), None, tree_lib.TreeShape((3, 1, 1, 1))),
   }
   for name, (d, dp, shape) in cases.items():
@@ -126,6 +127,24 @@ def _solo(cfg, params, prompts, i, drafter, shape, temperature):
   batch = generate.make_batch([prompts[i]], batch_size=1, bucket_len=16, max_new_tokens=17,
                               keys=keys, temperature=temperature)
   return generate.completions(gen.generate(params, batch), cfg.eos_id)[0]
+
+
+def test_mtp_tree_of_single_children_is_the_greedy_chain(tiny):
+  """Branching (1, 1, 1): the mtp tree's nodes are the chain drafter's
+  greedy drafts (same drafter calls, rows run as one batch of nodes)."""
+  cfg, params = tiny
+  d, dp = trained_drafter(cfg, 'mtp', 3)
+  gen = generate.Generator(cfg, cache_size=64, greedy=True, drafter=d)
+  batch = generate.make_batch(PROMPTS, batch_size=5, bucket_len=16, max_new_tokens=4,
+                              keys=jax.random.split(jax.random.key(0), 5))
+  state = gen.prefill(params, batch, dp)
+  chain = gen.draft_part(params, state, dp)                              # [B, 3]
+  view = drafters.TargetView(embedding=params['embedding'], cache=state.cache,
+                             hidden=state.hidden)
+  nodes = tree_lib.propose(d, tree_lib.TreeShape((1, 1, 1)), dp, state.tokens, state.lengths,
+                           view)
+  assert (nodes[:, 1:] == chain).all()
+  assert (nodes[:, 0] == state.tokens[jnp.arange(5), state.lengths - 1]).all()
 
 
 # ----------------------------------------------------------------------------
@@ -222,15 +241,15 @@ def sampled_tree_run(cfg, params, prompt, drafter, dparams, shape, setting, gen_
   return generate.completions(gen.generate(params, batch, dparams), cfg.eos_id)
 
 
-@pytest.mark.parametrize('kind', ['heads', 'ngram'])
+@pytest.mark.parametrize('kind', ['heads', 'mtp', 'ngram'])
 def test_sampled_tree_matches_autoregressive_distribution(small_target, kind, monkeypatch):
   """4096 tree-decoded samples of 3 tokens vs the exact AR distributions
   (marginals and the joints across the first round's boundary), at T = 1;
   and the same with the sibling residual not updated (power)."""
   cfg, params, _, reference = small_target
   setting = SETTINGS[0]
-  if kind == 'heads':
-    d, dp = trained_drafter(cfg, 'heads', 2, seed=3, vocab_size=12)
+  if kind in ('heads', 'mtp'):
+    d, dp = trained_drafter(cfg, kind, 2, seed=3, vocab_size=12)
     shape, prompt = tree_lib.TreeShape((3, 2)), [2, 5, 9]
   else:     # three earlier continuations of 5: [9, 7, 3]
     d, dp = drafters.NgramDrafter(2, cfg.vocab_size), None
@@ -272,6 +291,6 @@ def test_bad_trees_are_one_clear_error(tiny):
   with pytest.raises(UserError, match='first depth only'):
     generate.Generator(cfg, cache_size=64, drafter=drafters.NgramDrafter(2, cfg.vocab_size),
                        tree=tree_lib.TreeShape((2, 2)))
-  with pytest.raises(UserError, match='ngram or heads'):
+  with pytest.raises(UserError, match='ngram, heads or mtp'):
     generate.Generator(cfg, cache_size=64, drafter=drafters.DraftModelDrafter(cfg, 2),
                        tree=tree_lib.TreeShape((2, 2)))
