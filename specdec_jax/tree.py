@@ -39,7 +39,7 @@ Acceptance, per row:
 """
 import dataclasses
 import functools
-from typing import Optional, Tuple
+from typing import Tuple
 
 import jax
 import jax.numpy as jnp

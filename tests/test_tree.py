@@ -13,7 +13,7 @@ import pytest
 from specdec_jax import drafters, generate
 from specdec_jax import tree as tree_lib
 from specdec_jax.errors import UserError
-from specdec_jax.model import KVCache, Transformer
+from specdec_jax.model import KVCache, Transformer, cast_params
 
 from test_speculative import (NEW, N, PROMPTS, SETTINGS, chi2_stat, chi2_tests,  # noqa: F401
                               small_target, trained_drafter)
@@ -101,6 +101,17 @@ def test_greedy_tree_equals_autoregressive(tiny):
   assert sp['target_calls'] < 12 and max(sp['accepted_by_position']) > 0
 
 
+def test_greedy_tree_equals_autoregressive_with_bf16_weights(tiny):
+  """bfloat16 weights: the tree pass's 15 rows give the AR step's argmax."""
+  cfg, params = tiny
+  cfg = cfg.replace(param_dtype='bfloat16')
+  params = cast_params(params, jnp.bfloat16)
+  ar = run_tree(cfg, params, PROMPTS, None, None, None)
+  d, dp = trained_drafter(cfg, 'mtp', 3)
+  sp = run_tree(cfg, params, PROMPTS, d, dp, tree_lib.TreeShape((2, 2, 2)), batch_size=6)
+  assert [s['completion_ids'] for s in sp] == [a['completion_ids'] for a in ar]
+
+
 @pytest.mark.parametrize('temperature', [0.0, 1.0])
 def test_batch_rows_equal_solo_runs(tiny, temperature):
   """A batch mixing a row whose ngram drafter abstains (no earlier
@@ -161,7 +172,8 @@ def _sample_tree(shape, p, nodes, draft_probs=None, rows=20000, seed=0, **kw):
 
 
 def _emitted(shape, nodes, best, nxt):
-  """First two emitted tokens per row ([rows, 2]; -1 where only one)."""
+  """(first, second) emitted token per row, [rows] each; second = -1 where
+  only one was emitted."""
   lay = shape.layout
   path = lay['path_nodes'][best]                                          # [rows, D+1]
   depth = lay['depths'][best]
