@@ -29,6 +29,7 @@ from specdec_jax import config as config_lib
 from specdec_jax import drafters, outputs, precision, runs
 from specdec_jax import policy as policy_lib
 from specdec_jax.errors import UserError
+from specdec_jax.loaders import hf_gemma4_assistant
 from specdec_jax.measure import median_seconds
 from specdec_jax.model import init_params
 from specdec_jax.targets import check_model_name, load_target
@@ -80,9 +81,12 @@ def validate(c) -> None:
     raise UserError(f'prompts file not found: {c.prompts}')
   if c.gguf and not os.path.isfile(c.gguf):
     raise UserError(f'GGUF file not found: {c.gguf}')
-  if c.drafter_checkpoint and not os.path.isfile(os.path.join(c.drafter_checkpoint, 'drafter.json')):
-    raise UserError(f'drafter_checkpoint {c.drafter_checkpoint}: drafter.json is missing '
-                    '(not a drafter folder)')
+  if c.drafter_checkpoint and not (
+      os.path.isfile(os.path.join(c.drafter_checkpoint, 'drafter.json'))
+      or hf_gemma4_assistant.is_assistant_folder(c.drafter_checkpoint)):
+    raise UserError(f'drafter_checkpoint {c.drafter_checkpoint}: neither a drafter folder '
+                    '(drafter.json) nor a Gemma 4 assistant (config.json, model_type '
+                    'gemma4_assistant)')
   outputs.check_resume_flags(c)
   # Sizes the model's context rules out, before it loads (the prompts'
   # lengths are checked once tokenized, still before any cache exists).
@@ -168,6 +172,12 @@ def make_drafter(c, target):
   if kind == 'none':
     return None, None
   cfg = target.config
+  if (kind == 'mtp' and c.drafter_checkpoint
+      and hf_gemma4_assistant.is_assistant_folder(c.drafter_checkpoint)):
+    # Gemma 4's official MTP assistant (models/gemma4_assistant.py).
+    from specdec_jax.assistant_drafter import AssistantDrafter
+    acfg, params = hf_gemma4_assistant.load(c.drafter_checkpoint, cfg)
+    return AssistantDrafter(acfg, c.draft_len), params
   if kind in ('mtp', 'heads'):
     from specdec_jax import checkpoints
     path = c.drafter_checkpoint or shipped_drafter(c.model, kind)
@@ -215,7 +225,10 @@ def settings(c, rows) -> dict:
                acceptance_prior=c.acceptance_prior, acceptance_decay=c.acceptance_decay)
   if kind in ('mtp', 'heads'):
     path = c.drafter_checkpoint or shipped_drafter(c.model, kind)
-    s['drafter_weights'] = path and outputs.file_digest(pathlib.Path(path) / 'drafter.json')
+    meta = path and pathlib.Path(path) / 'drafter.json'
+    if meta and not meta.is_file():          # a Gemma 4 assistant folder
+      meta = pathlib.Path(path) / 'config.json'
+    s['drafter_weights'] = meta and outputs.file_digest(meta)
   elif kind == 'ngram':
     s.update(max_ngram=c.max_ngram, min_ngram=c.min_ngram)
   elif kind == 'draft_model':

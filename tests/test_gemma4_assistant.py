@@ -196,3 +196,30 @@ def test_sampled_check_has_power():
   logits, _, _ = jax.jit(build(tcfg).apply)({'params': tparams}, jnp.array([prompt]))
   p0 = np.asarray(jax.nn.softmax(logits[0, -1]), np.float64)
   assert _chi2_ratio(ids[:, 0], p0 / p0.sum()) > 1
+
+
+def test_the_job_runs_an_assistant_checkpoint(tmp_path):
+  """--config.drafter=mtp --config.drafter_checkpoint=<gemma4_assistant
+  folder> with its Gemma 4 target: greedy, the same tokens as plain decoding
+  (fixed k and the dynamic policy)."""
+  from configs.generate import get_config
+  from specdec_jax import jobs
+  prompts = tmp_path / 'p.jsonl'
+  prompts.write_text('{"prompt_ids": [2, 40, 41, 42, 43]}\n{"prompt_ids": [2, 7, 7]}\n')
+  outs = []
+  for extra in [dict(drafter='none'),
+                dict(drafter='mtp', drafter_checkpoint=str(ROOT / 'assistant_e_style'),
+                     dynamic=False, draft_len=3),
+                dict(drafter='mtp', drafter_checkpoint=str(ROOT / 'assistant_e_style'),
+                     draft_len=3, costs='1,1.1,1.2,1.3', confidence_threshold=0.0)]:
+    c = get_config()
+    c.model, c.prompts, c.max_new_tokens = str(ROOT / 'e_style'), str(prompts), 9
+    c.output = str(tmp_path / f'o{len(outs)}.jsonl')
+    for k, v in extra.items():
+      c[k] = v
+    summary = jobs.run(c)
+    outs.append([json.loads(l)['completion_ids']
+                 for l in pathlib.Path(c.output).read_text().splitlines()])
+    if extra['drafter'] == 'mtp':
+      assert summary['draft_calls'] > 0
+  assert outs[0] == outs[1] == outs[2]
