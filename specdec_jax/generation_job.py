@@ -308,7 +308,10 @@ def run(c) -> dict:
   new_tokens = target_calls = draft_calls = 0
   verify_rounds = 0
   accepted_total = np.zeros(k, np.int64)
-  planned = verified_by_len = 0
+  # Rounds by drafted / verified length (the policy's); zeros when every
+  # batch was resumed from the output.
+  planned = np.zeros(len(pol.ks) if pol else 0, np.int64)
+  verified_by_len = np.zeros_like(planned)
   try:
     for start in range(0, len(todo), c.batch_size):
       chunk = todo[start:start + c.batch_size]

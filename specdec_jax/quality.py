@@ -29,7 +29,7 @@ from scipy import stats
 
 from specdec_jax import sampling
 from specdec_jax.config import ModelConfig
-from specdec_jax.model import Transformer
+from specdec_jax.model import build
 
 
 @functools.partial(jax.jit, static_argnames=('config', 'new'))
@@ -44,7 +44,7 @@ def score(config: ModelConfig, params, tokens, starts, ends, u, temperature, top
   Returns (logp [B, new], pit [B, new], mask [B, new]); entries past a
   row's completion are masked out.
   """
-  model = Transformer(config)
+  model = build(config)          # Gemma 3 or Gemma 4 (its logits include the softcap)
   B, L = tokens.shape
   _, hidden, _ = model.apply({'params': params}, tokens, None, compute_logits=False)
   # hidden at position t predicts the token at t + 1: only the completion's
@@ -53,7 +53,7 @@ def score(config: ModelConfig, params, tokens, starts, ends, u, temperature, top
   mask = pos + 1 < ends[:, None]
   pos = jnp.clip(pos, 0, L - 2)
   h = jnp.take_along_axis(hidden, pos[..., None], axis=1)                  # [B, new, D]
-  logits = model.apply({'params': params}, h, method=Transformer.logits)   # [B, new, V]
+  logits = model.apply({'params': params}, h, method=type(model).logits)   # [B, new, V]
   x = jnp.take_along_axis(tokens, pos + 1, axis=1)                         # [B, new]
   logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), x[..., None], axis=-1)[..., 0]
   V = logits.shape[-1]
