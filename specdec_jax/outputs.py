@@ -41,13 +41,14 @@ def check_writable_dir(folder: pathlib.Path, what: str) -> None:
     raise UserError(f'{what}: cannot write in {folder} ({e.strerror or e})') from None
 
 
-def write_atomic(path: pathlib.Path, text: str) -> None:
-  """Replaces `path` by `text` all at once (a temporary file, fsync, rename)."""
+def write_atomic(path: pathlib.Path, data) -> None:
+  """Replaces `path` by `data` (str or bytes) all at once (a temporary file,
+  fsync, rename)."""
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
   try:
     os.fchmod(fd, 0o644)                 # mkstemp's 0600 would hide results from others
-    with os.fdopen(fd, 'w', encoding='utf-8') as f:
-      f.write(text)
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data.encode('utf-8') if isinstance(data, str) else data)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -13,36 +13,21 @@ this format.
 import hashlib
 import io
 import json
-import os
 import pathlib
 import struct
-import tempfile
 import zipfile
 from typing import Dict, Optional
 
 import numpy as np
 
 from specdec_jax.errors import UserError
+from specdec_jax.outputs import write_atomic
 
 MANIFEST = 'manifest.json'
 
 
 def shard_name(i: int) -> str:
   return f'shard-{i:06d}.npz'
-
-
-def _atomic_bytes(path: pathlib.Path, data: bytes) -> None:
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
-  try:
-    os.fchmod(fd, 0o644)
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
 
 
 def load_manifest(folder: pathlib.Path) -> Optional[Dict]:
@@ -70,7 +55,7 @@ def check_identity(folder: pathlib.Path, manifest: Dict, identity: Dict) -> None
 
 
 def write_manifest(folder: pathlib.Path, manifest: Dict) -> None:
-  _atomic_bytes(pathlib.Path(folder) / MANIFEST, (json.dumps(manifest, indent=1) + '\n').encode())
+  write_atomic(pathlib.Path(folder) / MANIFEST, (json.dumps(manifest, indent=1) + '\n').encode())
 
 
 def append(folder: pathlib.Path, manifest: Dict, arrays: Dict[str, np.ndarray], **info) -> Dict:
@@ -80,7 +65,7 @@ def append(folder: pathlib.Path, manifest: Dict, arrays: Dict[str, np.ndarray], 
   np.savez(buf, **arrays)
   data = buf.getvalue()
   name = shard_name(len(manifest['shards']))
-  _atomic_bytes(folder / name, data)
+  write_atomic(folder / name, data)
   entry = dict(file=name, rows=int(len(next(iter(arrays.values())))), bytes=len(data),
                sha256=hashlib.sha256(data).hexdigest(), **info)
   manifest['shards'].append(entry)
