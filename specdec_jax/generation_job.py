@@ -81,11 +81,13 @@ def validate(c) -> None:
     raise UserError(f'prompts file not found: {c.prompts}')
   if c.gguf and not os.path.isfile(c.gguf):
     raise UserError(f'GGUF file not found: {c.gguf}')
+  if c.drafter_checkpoint and not os.path.isdir(c.drafter_checkpoint):
+    raise UserError(f'drafter_checkpoint {c.drafter_checkpoint}: missing (no such folder)')
   if c.drafter_checkpoint and not (
       os.path.isfile(os.path.join(c.drafter_checkpoint, 'drafter.json'))
       or hf_gemma4_assistant.is_assistant_folder(c.drafter_checkpoint)):
-    raise UserError(f'drafter_checkpoint {c.drafter_checkpoint}: neither a drafter folder '
-                    '(drafter.json) nor a Gemma 4 assistant (config.json, model_type '
+    raise UserError(f'drafter_checkpoint {c.drafter_checkpoint}: drafter.json is missing, and '
+                    'it is not a Gemma 4 assistant either (config.json, model_type '
                     'gemma4_assistant)')
   outputs.check_resume_flags(c)
   # Sizes the model's context rules out, before it loads (the prompts'
