@@ -3,6 +3,7 @@
     python -m experiments.run --config=configs/ablate.py:quick      # ~13 min here
     python -m experiments.run --config=configs/ablate.py            # the paper sweep (TPU)
     python -m experiments.run --config=configs/ablate.py:dynamic    # issue #17's table
+    python -m experiments.run --config=configs/ablate.py:tree       # trees vs chains (#18)
     python -m experiments.run --config=configs/ablate.py:batch
     python -m experiments.run --config=configs/ablate.py:drafter_size
     python -m experiments.run --config=configs/ablate.py:tiny       # random tiny model, seconds
@@ -27,6 +28,9 @@ Variants:
   dynamic       mtp, ngram at k 2,4,8, fixed and with the dynamic draft-length
                 policy (points '<drafter> dynamic', drafting at most k) x T 0, 1.0 on
                 code, prose, chat, 4 prompts x 64 tokens per domain.
+  tree          mtp, ngram: chains at k 2,4, trees auto, 2x2x1, 4x1x1 and each
+                tree's chain at equal verify rows x T 0, 1.0,
+                2 prompts x 32 tokens per domain.
   batch         batch 1, 4, 16 at k=4, greedy: how the gain shrinks as the verify
                 pass stops being memory-bound (16 prompts per domain).
   drafter_size  drafters from 0 parameters (ngram) through the trained 3.6M mtp and
@@ -74,6 +78,13 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.dynamic = 'false'                 # 'false', 'true' or 'false,true'
   c.policy_ks = ''                    # dynamic: lengths it may choose ('' = 1, 2, 4, ... k)
   c.costs = ''                        # dynamic: '' = measured once per program (cached)
+  # Tree drafting (specdec_jax/tree.py): '' = none; else comma-separated
+  # shapes, each 'auto' (the drafter's measured best) or a branching per depth
+  # written with x ('2x2x1'). Each tree is a point '<drafter> tree 2x2x1' and
+  # comes with the drafter's chain at the same verify rows (k = nodes - 1);
+  # results.md's k column shows a tree's rows, and tree_vs_chain_*.png plot
+  # both against verify rows. Drafters that cannot draft a shape skip it.
+  c.trees = ''
   c.confidence_threshold = 0.4
   c.acceptance_prior = 0.6
   c.acceptance_decay = 0.7
@@ -96,6 +107,15 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     c.temperatures = '0,1.0'
     c.prompts_per_domain = 4
     c.max_new_tokens = 64
+  elif arg == 'tree':
+    # Issue #18: trees vs chains at equal verify rows, greedy and T = 1.
+    c.output = 'outputs/ablate_tree'
+    c.drafters = 'mtp,ngram'
+    c.draft_lens = '2,4'
+    c.trees = 'auto,2x2x1,4x1x1'
+    c.temperatures = '0,1.0'
+    c.prompts_per_domain = 2
+    c.max_new_tokens = 32
   elif arg == 'batch':
     c.output = 'outputs/ablate_batch'
     c.drafters = 'ngram,mtp,heads'
@@ -118,5 +138,5 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     c.max_prompt_len = 24
     c.max_new_tokens = 12
   else:
-    raise ValueError(f'unknown variant {arg!r}: use quick, dynamic, batch, drafter_size or tiny')
+    raise ValueError(f'unknown variant {arg!r}: use quick, dynamic, tree, batch, drafter_size or tiny')
   return c

@@ -47,6 +47,18 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.confidence_threshold = 0.4
   c.acceptance_prior = 0.6    # acceptance rate assumed before a row has evidence
   c.acceptance_decay = 0.7    # per-round discount of each row's acceptance counts
+  # Tree drafting (specdec_jax/tree.py): each round verifies a tree of drafts
+  # in one target pass. '' = a chain (draft_len drafts); auto = the shape
+  # measured best for the drafter (tree.AUTO); or the branching per depth,
+  # e.g. '4,2,1' (or 4x2x1): 4 first tokens, 2 continuations of each, 1 of
+  # each of those = 1 + 4 + 8 + 8 = 21 verify rows. The tree's depth is the
+  # draft length (draft_len is not used) and its rounds are never dynamic
+  # (dynamic is ignored). ngram (a trie of its matches), heads and mtp drafters.
+  c.tree = ''
+  # Trace of rounds: each output line gets `rounds`, one {"drafts": [ids],
+  # "accepted": n} per verify round (a tree: the accepted path's drafts);
+  # rounds where the drafter abstained are omitted.
+  c.trace = False
   c.max_ngram = 3             # ngram: longest suffix matched
   c.min_ngram = 1             # ngram: shorter matches abstain (the round is an AR step)
   c.draft_model = 'tiny'      # draft_model: 'tiny' (random 2-layer Gemma) | 'target' (itself)

@@ -46,6 +46,8 @@ class Result:
   devices: int
   parallel: str
   policy: Optional[dict] = None   # dynamic draft length: lengths, costs, rounds by length
+  tree: Optional[List[int]] = None   # the tree's branching per depth; None: a chain
+  rounds: Optional[List[List[dict]]] = None   # trace=True: per prompt, its verify rounds
 
   @property
   def tokens_per_second(self) -> float:
@@ -97,10 +99,16 @@ def generate(target: Target, prompts: Sequence[Union[str, Sequence[int]]], *,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              parallel: str = 'auto', dynamic: bool = True, policy_ks: str = '',
              costs: Union[str, Sequence[float]] = '', confidence_threshold: float = 0.4,
-             acceptance_prior: float = 0.6, acceptance_decay: float = 0.7) -> Result:
+             acceptance_prior: float = 0.6, acceptance_decay: float = 0.7,
+             tree: Any = '', trace: bool = False) -> Result:
   """With a drafter, `dynamic` (the default) lets each round choose its draft
   length up to the drafter's (policy.py; `costs` '' = measured once here and
-  cached); dynamic=False always drafts the drafter's draft_len."""
+  cached); dynamic=False always drafts the drafter's draft_len.
+  `tree` ('' = a chain; 'auto'; '4,2,1' or (4, 2, 1): branching per depth;
+  tree.py) verifies a tree of drafts per round; its depth is the draft
+  length and its rounds are never dynamic. `trace`: Result.rounds lists each
+  prompt's verify rounds ({'drafts': [ids], 'accepted': n}; trace.py)."""
+  from specdec_jax import tree as tree_lib
   from specdec_jax import policy as policy_lib
   from specdec_jax import runs
   cfg, tok = target.config, target.tokenizer
@@ -109,8 +117,10 @@ def generate(target: Target, prompts: Sequence[Union[str, Sequence[int]]], *,
   ids = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
   n_dev = jax.local_device_count()
   batch_size = -(-len(ids) // n_dev) * n_dev if parallel in ('auto', 'pmap') else len(ids)
-  pol = knobs = None
-  if drafter is not None and dynamic:
+  pol = knobs = shape = None
+  if drafter is not None:
+    shape = tree_lib.resolve(tree, drafter.kind)
+  if drafter is not None and dynamic and shape is None:
     pol, knobs, _ = runs.make_policy(
         target, drafter.drafter, drafter.params, ids, policy_ks=policy_ks, costs=costs,
         threshold=confidence_threshold, prior=acceptance_prior, decay=acceptance_decay,
@@ -119,7 +129,8 @@ def generate(target: Target, prompts: Sequence[Union[str, Sequence[int]]], *,
   run = runs.Run.build(target, drafter and drafter.drafter, drafter.params if drafter else None,
                        longest_prompt=max(map(len, ids)), max_new_tokens=max_new_tokens,
                        batch_size=batch_size, temperature=temperature, top_k=top_k, top_p=top_p,
-                       parallel=parallel, policy=pol, policy_params=knobs)
+                       parallel=parallel, policy=pol, policy_params=knobs, tree=shape,
+                       trace=trace)
   k, runner = run.draft_len, run.runner
   batch = run.batch(ids, runs.row_keys(seed, range(len(ids))))
   state, seconds = run(batch)
@@ -136,4 +147,6 @@ def generate(target: Target, prompts: Sequence[Union[str, Sequence[int]]], *,
                 devices=runner.num_devices, parallel=runner.mode,
                 policy=None if pol is None else {
                     **policy_lib.summary(pol, runs.local(state).policy),
-                    'costs': [round(x, 4) for x in knobs.costs.tolist()]})
+                    'costs': [round(x, 4) for x in knobs.costs.tolist()]},
+                tree=None if shape is None else list(shape.branching),
+                rounds=[r['rounds'] for r in rows] if trace and drafter is not None else None)

@@ -31,6 +31,7 @@ from flax import struct
 
 from specdec_jax import policy as policy_lib
 from specdec_jax import rejection, sampling
+from specdec_jax import trace as trace_lib
 from specdec_jax import tree as tree_lib
 from specdec_jax.config import ModelConfig
 from specdec_jax.drafters import TargetView, with_draft_len
@@ -67,6 +68,7 @@ class DecodeState:
   batch: Batch
   drafter_state: Any = None
   policy: Any = None          # policy.PolicyState when the draft length is dynamic
+  trace: Any = None           # trace.Trace with Generator(trace=True) and a drafter
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -87,6 +89,9 @@ class Generator:
   # tree.TreeShape: each round verifies a tree of drafts in one pass
   # (`_tree_step`); the drafter's draft_len is its depth. None: a chain.
   tree: Any = None
+  # Record each verify round's drafts and acceptance per row (trace.py);
+  # False leaves the state and the compiled program as they were.
+  trace: bool = False
 
   def __post_init__(self):
     if self.policy is not None:
@@ -151,7 +156,9 @@ class Generator:
                        batch=batch,
                        drafter_state=drafter_state,
                        policy=(None if self.policy is None else
-                               policy_lib.PolicyState.init(policy_params, B)))
+                               policy_lib.PolicyState.init(policy_params, B)),
+                       trace=(trace_lib.Trace.init(B, self.cache_size, self.draft_len)
+                              if self.trace and self.drafter is not None else None))
 
   def _ar_step(self, params, state: DecodeState) -> DecodeState:
     b = state.batch
@@ -228,6 +235,9 @@ class Generator:
     last = jnp.take_along_axis(hidden, jnp.maximum(count - 1, 0)[:, None, None], axis=1)[:, 0]
     hidden = jnp.where((count > 0)[:, None], last, state.hidden)
     verified = live if abstain is None else live & ~abstain
+    if state.trace is not None:
+      state = state.replace(trace=trace_lib.record(
+          state.trace, drafts, jnp.full((B,), k) if limit is None else limit, n, verified))
     return state.replace(
         tokens=tokens, lengths=lengths, done=done, hidden=hidden,
         cache=cache.replace(lengths=lengths - 1),
@@ -411,6 +421,8 @@ class Generator:
     hidden = jnp.where((count > 0)[:, None], hidden[rows, last_node], state.hidden)
     cache = tree_lib.commit_path(cache, first, path)
     verified = live if offered is None else live & offered
+    if state.trace is not None:     # the accepted path's drafts
+      state = state.replace(trace=trace_lib.record(state.trace, path_tokens, n, n, verified))
     return state.replace(
         tokens=tokens, lengths=lengths, done=done, hidden=hidden,
         cache=cache.replace(lengths=lengths - 1),
@@ -472,6 +484,7 @@ def completions(state: DecodeState, eos_id: int) -> List[dict]:
   calls = np.asarray(state.target_calls)
   draft_calls = np.asarray(state.draft_calls)
   accepted = np.asarray(state.accepted)
+  rounds = None if state.trace is None else trace_lib.rows(state.trace)
   out = []
   for i in np.flatnonzero(active):
     ids = tokens[i, plen[i]:lengths[i]].tolist()
@@ -482,4 +495,6 @@ def completions(state: DecodeState, eos_id: int) -> List[dict]:
                     new_tokens=len(ids), target_calls=int(calls[i]),
                     draft_calls=int(draft_calls[i]),
                     accepted_by_position=accepted[i].tolist()))
+    if rounds is not None:
+      out[-1]['rounds'] = rounds[i]
   return out

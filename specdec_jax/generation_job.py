@@ -28,6 +28,7 @@ import numpy as np
 from specdec_jax import config as config_lib
 from specdec_jax import drafters, outputs, precision, runs
 from specdec_jax import policy as policy_lib
+from specdec_jax import tree as tree_lib
 from specdec_jax.errors import UserError
 from specdec_jax.loaders import hf_gemma4_assistant
 from specdec_jax.measure import median_seconds
@@ -70,6 +71,7 @@ def validate(c) -> None:
   if not 1 <= c.min_ngram <= c.max_ngram:
     raise UserError(f'need 1 <= min_ngram <= max_ngram, got {c.min_ngram} and {c.max_ngram}')
   validate_policy(c)
+  shape = tree_shape(c)
   if c.parallel not in PARALLEL:
     raise UserError(f'unknown parallel mode {c.parallel!r}; choose one of {", ".join(PARALLEL)}')
   if c.num_devices < 0:
@@ -94,11 +96,14 @@ def validate(c) -> None:
   # lengths are checked once tokenized, still before any cache exists).
   context = runs.known_context(c.model, c.gguf)
   k = c.draft_len + 1 if resolve_drafter(c) != 'none' else 0
+  if shape is not None:
+    k = shape.num_nodes
+  what = (f' + the tree\'s {k} nodes' if shape is not None else
+          f' + draft_len + 1 = {k}' if k else '')
   if context and 1 + c.max_new_tokens + k > context:
-    raise UserError(f'1 prompt token + max_new_tokens={c.max_new_tokens}'
-                    + (f' + draft_len + 1 = {k}' if k else '')
-                    + f' need a cache larger than the model context {context} (every slot '
-                    'is a position); lower ' + ('them' if k else 'it'))
+    raise UserError(f'1 prompt token + max_new_tokens={c.max_new_tokens}{what} need a cache '
+                    f'larger than the model context {context} (every slot is a position); '
+                    'lower ' + ('them' if k else 'it'))
   if c.cache_size and context and c.cache_size > context:
     raise UserError(f'cache_size={c.cache_size} exceeds the model context {context}')
 
@@ -113,9 +118,31 @@ def validate_policy(c) -> None:
                    c.acceptance_decay, ks if costs else None)
 
 
+def tree_shape(c):
+  """The `tree` key: None (a chain, or no drafter) or a tree.TreeShape for the
+  drafter; UserError (one line) for a bad value or a drafter without trees.
+  A tree's depth is its draft length (draft_len is not used), and its rounds
+  are never dynamic (the `dynamic` key is ignored)."""
+  spec = tree_lib.parse(c.get('tree', ''))
+  kind = resolve_drafter(c)
+  if spec is None:
+    return None
+  if kind == 'none':
+    raise UserError(f'tree={c.tree} needs a drafter (drafter={c.drafter} runs plain decoding '
+                    f'for model {c.model}): set drafter to mtp, heads or ngram')
+  if (kind == 'mtp' and c.drafter_checkpoint
+      and hf_gemma4_assistant.is_assistant_folder(c.drafter_checkpoint)):
+    raise UserError(f'tree={c.tree}: tree drafting is not implemented for Gemma 4\'s '
+                    'assistant drafter; leave tree empty (a chain)')
+  if kind == 'draft_model':
+    raise UserError(f'tree={c.tree}: tree drafting needs an ngram, heads or mtp drafter, '
+                    'not draft_model; leave tree empty (a chain)')
+  return tree_lib.resolve(spec, kind)
+
+
 def make_policy(c, target, drafter, drafter_params, prompts):
   """runs.make_policy from the config: (DraftPolicy, PolicyParams, source)."""
-  if drafter is None or not c.get('dynamic', False):
+  if drafter is None or not c.get('dynamic', False) or tree_shape(c) is not None:
     return None, None, None
   return runs.make_policy(target, drafter, drafter_params, prompts, policy_ks=c.policy_ks,
                           costs=c.costs, threshold=c.confidence_threshold,
@@ -219,7 +246,12 @@ def settings(c, rows) -> dict:
            drafter=kind, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, seed=c.seed,
            max_new_tokens=c.max_new_tokens, num_samples=c.num_samples,
            prompts=hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest())
-  if kind != 'none':
+  if c.get('trace', False):        # the lines carry `rounds`
+    s['trace'] = True
+  shape = tree_shape(c)
+  if shape is not None:            # its depth is the draft length; never dynamic
+    s.update(draft_len=shape.depth, tree=list(shape.branching))
+  elif kind != 'none':
     s['draft_len'] = c.draft_len
     if c.get('dynamic', False):    # the policy changes which drafts are offered
       s.update(dynamic=True, policy_ks=list(policy_lib.parse_ks(c.policy_ks, c.draft_len)),
@@ -253,6 +285,8 @@ def line_for(i, s, r, rows, tok, seconds, verified, part_ms) -> dict:
                          verify_seconds=round(verified * part_ms[1] / 1e3, 4))
   if tok is not None:            # a checkpoint folder without a tokenizer: ids only
     line['completion'] = tok.decode(r['completion_ids'])
+  if 'rounds' in r:              # trace=true: each verify round's drafts and acceptance
+    line['rounds'] = r['rounds']
   if 'prompt' in rows[i]:
     line['prompt'] = rows[i]['prompt']
   return line
@@ -289,7 +323,8 @@ def run(c) -> dict:
       raise UserError(f'prompt {i}: token id {bad[0]} outside the vocabulary (size {cfg.vocab_size})')
     prompts.append(ids)
   drafter, drafter_params = make_drafter(c, target)
-  k = 0 if drafter is None else c.draft_len
+  shape = None if drafter is None else tree_shape(c)
+  k = 0 if drafter is None else shape.depth if shape is not None else c.draft_len
   t = time.perf_counter()
   pol, knobs, costs_source = make_policy(c, target, drafter, drafter_params, prompts)
   policy_seconds = time.perf_counter() - t
@@ -300,7 +335,8 @@ def run(c) -> dict:
                         max_new_tokens=c.max_new_tokens, batch_size=c.batch_size,
                         temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
                         parallel=c.parallel, num_devices=c.num_devices, cache_size_=c.cache_size,
-                        policy=pol, policy_params=knobs)
+                        policy=pol, policy_params=knobs, tree=shape,
+                        trace=c.get('trace', False))
   gen, runner, cache_size = run_.gen, run_.runner, run_.cache_size
   kept = sum(done)
   todo = [j for j, d in zip(jobs, done) if not d]
@@ -321,7 +357,7 @@ def run(c) -> dict:
                          runs.row_keys(c.seed, [i for i, _ in chunk], [s for _, s in chunk]))
       state, seconds = run_(batch)
       gen_seconds += seconds
-      if drafter is not None and runner.mode == 'none' and part_ms is None:
+      if drafter is not None and shape is None and runner.mode == 'none' and part_ms is None:
         t = time.perf_counter()
         part_ms = time_parts(gen, target.params, drafter_params, state)
         run_.compile_seconds += time.perf_counter() - t - 10 * sum(part_ms) / 1e3
@@ -337,6 +373,8 @@ def run(c) -> dict:
       results = run_.completions(state)
       lines = []
       for (i, s), r in zip(chunk, results):
+        if c.get('trace', False) and drafter is None:
+          r['rounds'] = []              # plain decoding: no verify rounds
         new_tokens += r['new_tokens']
         target_calls += r['target_calls']
         draft_calls += r['draft_calls']
@@ -369,6 +407,8 @@ def run(c) -> dict:
       'new_tokens': new_tokens, 'target_calls': target_calls, 'draft_calls': draft_calls,
       'mean_accepted_per_call': round(new_tokens / max(target_calls, 1), 4),
       'draft_len': k, 'dynamic': pol is not None, 'policy': policy_summary,
+      'tree': None if shape is None else list(shape.branching),
+      'verify_rows': shape.num_nodes if shape is not None else k + 1 if k else 1,
       'acceptance_by_position': [round(float(a) / max(draft_calls, 1), 4) for a in accepted_total],
       'parallel': runner.mode, 'devices': runner.num_devices,
       'tokens_per_second': round(new_tokens / gen_seconds, 3) if gen_seconds else 0.0,
@@ -378,7 +418,7 @@ def run(c) -> dict:
       'param_dtype': cfg.param_dtype, 'dtype': cfg.dtype, 'precision': target.precision,
       # Draft vs verify: each half timed alone (median of 5) on the first
       # batch's state, times the rounds that verified (the others were plain
-      # AR steps: the drafter abstained); null for plain AR or pmap/mesh.
+      # AR steps: the drafter abstained); null for plain AR, a tree or pmap/mesh.
       'draft_ms_per_round': part_ms and round(part_ms[0], 3),
       'verify_ms_per_round': part_ms and round(part_ms[1], 3),
       'rounds': total_rounds, 'verify_rounds': verify_rounds,

@@ -32,6 +32,7 @@ import numpy as np
 
 from specdec_jax import generate as gen_lib
 from specdec_jax import parallel as parallel_lib
+from specdec_jax.drafters import with_draft_len
 from specdec_jax.errors import UserError
 
 
@@ -187,29 +188,40 @@ def model_identity(model: str, gguf: str = '', seed: int = 0) -> str:
 
 # ----------------------------------------------------------------------------- sizes and keys
 
+def cache_margin(draft_len: int, tree_nodes: int = 0) -> int:
+  """Slots a round may write from a row's pending token on (then roll back):
+  k + 1 for a chain of k drafts, the node count for a tree (tree.py), the
+  larger where one cache serves both (the sweep); 0 for plain AR."""
+  return max(draft_len + 1 if draft_len else 0, tree_nodes)
+
+
 def cache_size(longest_prompt: int, max_new_tokens: int, draft_len: int, max_context: int,
-               requested: int = 0) -> int:
-  """KV slots per row: the prompt bucket + new tokens + the k + 1 slots a
-  speculative round may write past a row's end (then rolls back), rounded up
-  to 128, at most the model's context: every slot is a position, so the
-  margin counts against the context too. UserError when it cannot fit."""
-  margin = draft_len + 1 if draft_len else 0
+               requested: int = 0, tree_nodes: int = 0) -> int:
+  """KV slots per row: the prompt bucket + new tokens + the margin a
+  speculative round may write past a row's end (`cache_margin`: draft_len + 1
+  for a chain, `tree_nodes` for a tree), rounded up to 128, at most the
+  model's context: every slot is a position, so the margin counts against the
+  context too. UserError when it cannot fit."""
+  margin = cache_margin(draft_len, tree_nodes)
+  if not margin:
+    what, lower = '', ''
+  elif tree_nodes >= margin:
+    what, lower = f' + the tree\'s {tree_nodes} nodes', ' or the tree'
+  else:
+    what, lower = f' + draft_len + 1 ({margin})', ' or draft_len'
   longest = longest_prompt + max_new_tokens + margin
   if longest > max_context:
     raise UserError(f'the longest prompt ({longest_prompt} tokens) + max_new_tokens '
-                    f'({max_new_tokens})' + (f' + draft_len + 1 ({margin})' if margin else '') +
-                    f' needs a cache of {longest} slots > the model context {max_context}; '
-                    'lower max_new_tokens' + (' or draft_len' if margin else '') +
-                    ' or shorten the prompts')
+                    f'({max_new_tokens}){what} needs a cache of {longest} slots > the model '
+                    f'context {max_context}; lower max_new_tokens{lower} or shorten the prompts')
   need = gen_lib.bucket(longest_prompt) + max_new_tokens + margin
   size = requested or min(-(-need // 128) * 128, max_context)
   if size > max_context:
     raise UserError(f'cache_size={size} exceeds the model context {max_context}')
   if longest > size:
     raise UserError(f'the longest prompt has {longest_prompt} tokens; with max_new_tokens='
-                    f'{max_new_tokens}' + (f' and draft_len={draft_len}' if margin else '') +
-                    f' it needs a cache of {longest} > {size} (cache_size; the model '
-                    f'allows {max_context})')
+                    f'{max_new_tokens}{what} it needs a cache of {longest} > {size} '
+                    f'(cache_size; the model allows {max_context})')
   return size
 
 
@@ -249,15 +261,21 @@ class Run:
             max_new_tokens: int, batch_size: int, temperature: float = 0.0, top_k: int = 0,
             top_p: float = 1.0, parallel: str = 'none', num_devices: int = 0,
             cache_size_: int = 0, draft_len: Optional[int] = None, policy=None,
-            policy_params=None) -> 'Run':
-    """`draft_len` sizes the cache's margin (default: the drafter's k); the
-    sweep passes its largest k so that all its points share one cache size.
-    `policy` / `policy_params`: the dynamic draft length (policy.py)."""
+            policy_params=None, tree=None, tree_nodes: Optional[int] = None,
+            trace: bool = False) -> 'Run':
+    """`draft_len` / `tree_nodes` size the cache's margin (default: the
+    drafter's k, the tree's nodes); the sweep passes its largest so that all
+    its points share one cache size. `policy` / `policy_params`: the dynamic
+    draft length (policy.py). `tree`: a tree.TreeShape (None: a chain); the
+    drafter then drafts the tree's depth. `trace`: record the rounds (trace.py)."""
     cfg = target.config
+    if tree is not None and drafter is not None and drafter.draft_len != tree.depth:
+      drafter = with_draft_len(drafter, tree.depth)
     k = (drafter.draft_len if drafter is not None else 0) if draft_len is None else draft_len
-    size = cache_size(longest_prompt, max_new_tokens, k, cfg.max_context, cache_size_)
+    nodes = (tree.num_nodes if tree is not None else 0) if tree_nodes is None else tree_nodes
+    size = cache_size(longest_prompt, max_new_tokens, k, cfg.max_context, cache_size_, nodes)
     gen = gen_lib.Generator(cfg, cache_size=size, greedy=temperature == 0, drafter=drafter,
-                            policy=policy)
+                            policy=policy, tree=tree, trace=trace)
     runner = parallel_lib.make_runner(gen, target.params, drafter_params, mode=parallel,
                                       num_devices=num_devices, batch_size=batch_size,
                                       policy_params=policy_params)
@@ -300,7 +318,7 @@ class Run:
 
   def completions(self, state):
     """gen_lib.completions of the active rows, gathered from every process."""
-    return gen_lib.completions(local(state), self.target.config.eos_id)
+    return gen_lib.completions(local(state), self.target.config.stop_ids)
 
 
 def local(state):
@@ -313,6 +331,8 @@ def local(state):
                 draft_calls=state.draft_calls, accepted=state.accepted, step=state.step,
                 verify_rounds=state.verify_rounds)
   batch = dict(prompt_lengths=state.batch.prompt_lengths, active=state.batch.active)
+  if state.trace is not None:     # rows like the rest
+    fields['trace'] = state.trace
   if not state.tokens.is_fully_addressable:   # a mesh over several processes
     from jax.experimental import multihost_utils
     fields, batch = multihost_utils.process_allgather((fields, batch), tiled=True)

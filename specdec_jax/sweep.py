@@ -54,6 +54,7 @@ import numpy as np
 from specdec_jax import drafters as drafters_lib
 from specdec_jax import generate as gen_lib
 from specdec_jax import outputs, precision, quality, runs
+from specdec_jax import tree as tree_lib
 from specdec_jax.measure import fit_alpha, median_seconds, predicted_speedup
 from specdec_jax.errors import UserError
 from specdec_jax.targets import check_model_name, load_target
@@ -101,7 +102,8 @@ def parse(c):
       draft_lens=parse_list(c.draft_lens, int, 'draft_lens'),
       temperatures=parse_list(c.temperatures, float, 'temperatures'),
       batch_sizes=parse_list(c.batch_sizes, int, 'batch_sizes'),
-      dynamic=parse_list(c.get('dynamic', 'false'), boolean, 'dynamic'))
+      dynamic=parse_list(c.get('dynamic', 'false'), boolean, 'dynamic'),
+      trees=parse_trees(c.get('trees', '')))
   if len(set(ax['dynamic'])) != len(ax['dynamic']):
     raise UserError('dynamic lists a value twice')
   from specdec_jax import policy as policy_lib
@@ -146,8 +148,12 @@ def parse(c):
     raise UserError(f'GGUF file not found: {c.gguf}')
   context = runs.known_context(c.model, c.gguf)
   margin = max(ax['draft_lens']) + 1
-  if context and 1 + c.max_new_tokens + margin > context:
-    raise UserError(f'max_new_tokens={c.max_new_tokens} + the largest draft_len + 1 = {margin} '
+  nodes = max((s.num_nodes for d in ax['drafters'] for s in tree_points(d, ax['trees'])[0]),
+              default=0)
+  if context and 1 + c.max_new_tokens + max(margin, nodes) > context:
+    what = (f'the largest tree\'s {nodes} nodes' if nodes > margin else
+            f'the largest draft_len + 1 = {margin}')
+    raise UserError(f'max_new_tokens={c.max_new_tokens} + {what} '
                     f'leave no room for a prompt in the model context {context}')
   if not c.output:
     raise UserError('output must name a results folder')
@@ -174,6 +180,37 @@ def parse(c):
   outputs.check_writable_dir(out, f'output {out}')
   ax['prompt_dir'] = prompt_dir
   return ax
+
+
+def parse_trees(value):
+  """The `trees` axis: '' = none; else comma-separated entries, each 'auto'
+  (the drafter's tree.AUTO shape) or a branching per depth written with x
+  ('2x2x1'); 'chain' entries are dropped (chains are the draft_lens)."""
+  out = []
+  for item in (value.split(',') if isinstance(value, str) else list(value)):
+    item = str(item).strip()
+    if item and item not in tree_lib.CHAIN:
+      shape = tree_lib.parse(item)
+      if shape in out:
+        raise UserError(f'trees lists {item!r} twice')
+      out.append(shape)
+  return out
+
+
+def tree_points(entry, trees):
+  """(shapes, skipped notes) of a drafter entry: its trees ('auto' resolved
+  for its kind); shapes it cannot draft are skipped (draft_model: none at all)."""
+  kind = entry.partition(':')[0]
+  shapes, notes = [], []
+  for spec in trees:
+    try:
+      shape = tree_lib.resolve(spec, kind)
+    except UserError as e:
+      notes.append(f'skipping {entry} tree {spec if spec == "auto" else tree_lib.label(spec)}: {e}')
+      continue
+    if shape not in shapes:
+      shapes.append(shape)
+  return shapes, notes
 
 
 # Keys that say how or where a sweep runs, not what it measures.
@@ -258,27 +295,31 @@ class Runner:
   """One runs.Run per (drafter, k, greedy, batch size): compiled once, shared by
   the domains and temperatures (temperature is an array)."""
 
-  def __init__(self, target, longest, bucket_len, max_new, max_k, repeats):
+  def __init__(self, target, longest, bucket_len, max_new, max_k, repeats, max_nodes=0):
     self.target = target
     self.longest, self.bucket_len, self.max_new, self.max_k = longest, bucket_len, max_new, max_k
+    self.max_nodes = max_nodes
     self.repeats = repeats
     self.programs = {}
 
-  def program(self, key, drafter, dparams, batch_size, greedy, policy=None) -> runs.Run:
-    """policy: (DraftPolicy, PolicyParams) for a dynamic draft length."""
+  def program(self, key, drafter, dparams, batch_size, greedy, policy=None,
+              tree=None) -> runs.Run:
+    """policy: (DraftPolicy, PolicyParams) for a dynamic draft length; tree:
+    a tree.TreeShape (None: a chain)."""
     if key not in self.programs:
       pol, knobs = policy or (None, None)
       self.programs[key] = runs.Run.build(
           self.target, drafter, dparams, longest_prompt=self.longest,
           max_new_tokens=self.max_new, batch_size=batch_size, temperature=0.0 if greedy else 1.0,
-          draft_len=self.max_k,            # one cache size for every point
-          policy=pol, policy_params=knobs)
+          draft_len=self.max_k, tree_nodes=self.max_nodes,   # one cache size for every point
+          policy=pol, policy_params=knobs, tree=tree)
     return self.programs[key]
 
-  def run(self, key, drafter, dparams, prompts, batch_size, temperature, seed, policy=None):
+  def run(self, key, drafter, dparams, prompts, batch_size, temperature, seed, policy=None,
+          tree=None):
     """-> (rows: per prompt dict, last state, the Run, the policy's rounds by
     length summed over the batches, or None)."""
-    run = self.program(key, drafter, dparams, batch_size, temperature == 0, policy)
+    run = self.program(key, drafter, dparams, batch_size, temperature == 0, policy, tree)
     rows, state, counts = [], None, None
     for b, s in enumerate(range(0, len(prompts), batch_size)):
       idx = list(range(s, min(s + batch_size, len(prompts))))
@@ -339,16 +380,13 @@ def _run(c) -> dict:
     bad = [t for p in ps for t in p if not 0 <= t < cfg.vocab_size]
     if bad:
       raise UserError(f'domain {d}: token id {bad[0]} outside the vocabulary')
-  max_k = max(ax['draft_lens'])
   longest = max(len(p) for ps in prompts.values() for p in ps)
   bucket_len = gen_lib.bucket(longest)
-  try:
-    runs.cache_size(longest, c.max_new_tokens, max_k, cfg.max_context)
-  except UserError as e:
-    raise UserError(f'{e} (max_prompt_len shortens them)') from None
   # Every entry must load before the first measurement. A k beyond what a
-  # drafter can draft (more than a heads drafter's heads) is skipped, and said.
-  skipped = []
+  # drafter can draft (more than a heads drafter's heads) is skipped, and
+  # said; so are trees it cannot draft. Each tree comes with its drafter's
+  # chain at the same verify rows (k = nodes - 1): `equal_rows` below.
+  skipped, trees, equal_rows = [], {}, {}
   for entry in ax['drafters']:
     d, _, _ = build_drafter(entry, min(ax['draft_lens']), target, c)
     limit = d.config.num_draft_heads if isinstance(d, drafters_lib.HeadsDrafter) else None
@@ -356,14 +394,34 @@ def _run(c) -> dict:
       if limit is not None and k > limit:
         skipped.append((entry, k))
         print(f'skipping {entry} at k={k}: it has {limit} heads', file=sys.stderr)
+    shapes, notes = tree_points(entry, ax['trees'])
+    for note in notes:
+      print(note, file=sys.stderr)
+    trees[entry] = [s for s in shapes if limit is None or s.depth <= limit]
+    for s in shapes:
+      if s not in trees[entry]:
+        print(f'skipping {entry} tree {tree_lib.label(s)}: it has {limit} heads', file=sys.stderr)
+    equal_rows[entry] = sorted({s.num_nodes - 1 for s in trees[entry]} - set(ax['draft_lens']))
+    for k in equal_rows[entry]:
+      if limit is not None and k > limit:
+        print(f'skipping {entry} at k={k} (a tree\'s verify rows): it has {limit} heads',
+              file=sys.stderr)
+    equal_rows[entry] = [k for k in equal_rows[entry] if limit is None or k <= limit]
+  max_k = max(ax['draft_lens'] + [k for ks in equal_rows.values() for k in ks])
+  max_nodes = max((s.num_nodes for ss in trees.values() for s in ss), default=0)
+  try:
+    runs.cache_size(longest, c.max_new_tokens, max_k, cfg.max_context, tree_nodes=max_nodes)
+  except UserError as e:
+    raise UserError(f'{e} (max_prompt_len shortens them)') from None
   out, kept = _prepare_output(c, {d: len(ps) for d, ps in prompts.items()})
 
-  runner = Runner(target, longest, bucket_len, c.max_new_tokens, max_k, c.repeats)
+  runner = Runner(target, longest, bucket_len, c.max_new_tokens, max_k, c.repeats, max_nodes)
   scorer = quality.Scorer(cfg, target.params, length=bucket_len + c.max_new_tokens,
                           new=c.max_new_tokens, seed=c.seed)
   n_points = (len(ax['batch_sizes']) * len(ax['temperatures']) * len(ax['domains'])
               * (1 + (len(ax['drafters']) * len(ax['draft_lens']) - len(skipped))
-                 * len(ax['dynamic'])))
+                 * len(ax['dynamic'])
+                 + sum(len(trees[e]) + len(equal_rows[e]) for e in ax['drafters'])))
   costs = {}             # (entry, k, greedy, B, dynamic) -> (draft ms, verify ms) per round
   ar_ms = {}             # B -> ms per AR step
   done = [len(kept)]
@@ -396,11 +454,13 @@ def _run(c) -> dict:
     """The rows of a point an interrupted run completed, or None."""
     return kept.get(tuple(point[k] for k in POINT_KEYS))
 
-  def run_drafter_points(entry, k, dyn, B, T, greedy, ar_rows):
+  def run_drafter_points(entry, k, dyn, B, T, greedy, ar_rows, shape=None):
     """The points of one drafter entry at k (dyn: the dynamic policy with k
-    its longest draft; labelled '<entry> dynamic'), every domain."""
-    key = (entry, k, greedy, B, dyn)
-    label = entry + (' dynamic' if dyn else '')
+    its longest draft; labelled '<entry> dynamic'; shape: a tree of depth k,
+    labelled '<entry> tree 2x2x1'), every domain."""
+    key = (entry, k, greedy, B, dyn) + (() if shape is None else (shape.branching,))
+    label = (entry + (' dynamic' if dyn else '')
+             + ('' if shape is None else f' tree {tree_lib.label(shape)}'))
     points = [_point(d, label, entry.partition(':')[0], k, T, B) for d in ax['domains']]
     for point in points:
       rows = previous(point)
@@ -415,14 +475,17 @@ def _run(c) -> dict:
           target, drafter, dparams, prompts[ax['domains'][0]], policy_ks=c.policy_ks,
           costs=c.costs, threshold=c.confidence_threshold, prior=c.acceptance_prior,
           decay=c.acceptance_decay, max_new_tokens=c.max_new_tokens, batch_size=B,
-          cache_size_=runs.cache_size(longest, c.max_new_tokens, max_k, cfg.max_context),
+          cache_size_=runs.cache_size(longest, c.max_new_tokens, max_k, cfg.max_context,
+                                      tree_nodes=max_nodes),
           temperature=T, seed=c.seed)
       policy = (pol, knobs)
     for d, point in zip(ax['domains'], points):
       if previous(point):
         continue
       rows, state, run, counts = runner.run(key, drafter, dparams, prompts[d], B, T, c.seed,
-                                            policy)
+                                            policy, shape)
+      if key not in costs and shape is not None:
+        costs[key] = (None, None)           # the chain's cost model does not apply
       if key not in costs:
         gen = run.gen
         drafts = gen.draft_part(target.params, state, dparams)
@@ -434,7 +497,9 @@ def _run(c) -> dict:
             lambda: verifier.verify_part(target.params, bare, drafts)))
       extra = dict(ar_ms_per_step=ar_ms[B], draft_ms_per_round=costs[key][0],
                    verify_ms_per_round=costs[key][1], drafter_params=n_params,
-                   compile_seconds=run.compile_seconds)
+                   compile_seconds=run.compile_seconds,
+                   verify_rows=k + 1 if shape is None else shape.num_nodes,
+                   tree=None if shape is None else list(shape.branching))
       if dyn:   # rounds by drafted / verified length over the point's batches
         extra['policy'] = dict(draft_lens=list(policy[0].ks),
                                costs=[round(x, 4) for x in policy[1].costs.tolist()],
@@ -462,12 +527,16 @@ def _run(c) -> dict:
         ar_rows[d] = rows
         record(rows, point, None, greedy, T,
                dict(ar_ms_per_step=ar_ms[B], draft_ms_per_round=None, verify_ms_per_round=None,
-                    drafter_params=0, compile_seconds=run.compile_seconds))
+                    drafter_params=0, compile_seconds=run.compile_seconds, verify_rows=1))
       for entry in ax['drafters']:
         for dyn in ax['dynamic']:
           for k in ax['draft_lens']:
             if (entry, k) not in skipped:
               run_drafter_points(entry, k, dyn, B, T, greedy, ar_rows)
+        for k in equal_rows[entry]:            # chains with a tree's verify rows
+          run_drafter_points(entry, k, False, B, T, greedy, ar_rows)
+        for shape in trees[entry]:
+          run_drafter_points(entry, shape.depth, False, B, T, greedy, ar_rows, shape)
 
   raw = [json.loads(l) for l in (out / 'raw.jsonl').read_text().splitlines()]
   table = aggregate(raw)
@@ -555,7 +624,9 @@ def aggregate(raw):
         logprob_per_token=round(sum(r['logprob_sum'] for r in rows) / tokens, 4),
         ar_logprob_per_token=round(sum(r['logprob_sum'] for r in base)
                                    / sum(r['new_tokens'] for r in base), 4),
-        drafter_params=f['drafter_params'], compile_seconds=round(f['compile_seconds'], 2)))
+        drafter_params=f['drafter_params'], compile_seconds=round(f['compile_seconds'], 2),
+        # Rows of each verify pass: k + 1 for a chain, the node count for a tree.
+        verify_rows=f.get('verify_rows', k + 1 if k else 1), tree=f.get('tree')))
   return table
 
 
@@ -567,7 +638,7 @@ CSV_COLUMNS = POINT_KEYS + (
     'prompts', 'new_tokens', 'target_calls', 'draft_calls', 'seconds', 'tokens_per_second', 'ms_per_token',
     'speedup', 'mean_accepted_per_call', 'acceptance_rate', 'acceptance_by_position', 'alpha',
     'c', 'v', 'predicted_speedup', 'greedy_identical', 'pit_p_value', 'logprob_per_token',
-    'ar_logprob_per_token', 'drafter_params', 'compile_seconds')
+    'ar_logprob_per_token', 'drafter_params', 'compile_seconds', 'verify_rows', 'tree')
 
 
 def write_csv(table, path):
@@ -583,6 +654,14 @@ def _fmt(x, suffix=''):
   return '–' if x is None else f'{x}{suffix}'
 
 
+def _k_cell(t):
+  """k, and the verify rows where they are not k + 1 (a tree)."""
+  k, rows = t['draft_len'], t.get('verify_rows')
+  if not k:
+    return '–'
+  return f'{k} ({rows} rows)' if rows and rows != k + 1 else str(k)
+
+
 def markdown(table, c=None):
   systems = len({t['system'] for t in table}) > 1 or table[0]['system'] != 'specdec_jax'
   head = ('| domain | drafter | k | T | batch | ms/token | tok/s | speedup | tokens/call | '
@@ -595,7 +674,7 @@ def markdown(table, c=None):
       qual = f'PIT p={_fmt(t["pit_p_value"])}'
     lines.append(
         (f'| {t["system"]} ' if systems else '') +
-        f'| {t["domain"]} | {t["drafter"]} | {t["draft_len"] or "–"} | {t["temperature"]} | '
+        f'| {t["domain"]} | {t["drafter"]} | {_k_cell(t)} | {t["temperature"]} | '
         f'{t["batch_size"]} | {t["ms_per_token"]} | {t["tokens_per_second"]} | '
         f'{t["speedup"]}x | {t["mean_accepted_per_call"]} | {_fmt(t["acceptance_rate"])} | '
         f'{" / ".join(map(str, t["acceptance_by_position"])) or "–"} | '
@@ -670,6 +749,34 @@ def write_plots(table, out):
   if ks:
     figure('acceptance_by_position.png', f'P(draft i accepted), k={max(ks)}, T={T0}',
            acceptance, 'draft position i', 'acceptance')
+
+  trees = [t for t in table if t.get('tree')]
+  if trees:
+    entries = list(dict.fromkeys(t['drafter'].split(' tree ')[0] for t in trees))
+
+    def vs_rows(metric):
+      def draw(ax, d):
+        for i, entry in enumerate(entries):
+          chain = sorted(pick(domain=d, drafter=entry, temperature=T0, batch_size=B0),
+                         key=lambda t: t['verify_rows'])
+          ax.plot([t['verify_rows'] for t in chain], [t[metric] for t in chain], 'o-',
+                  color=f'C{i}', label=f'{entry} chain')
+          tree = [t for t in trees if t['domain'] == d and t['temperature'] == T0
+                  and t['batch_size'] == B0 and t['drafter'].split(' tree ')[0] == entry]
+          ax.plot([t['verify_rows'] for t in tree], [t[metric] for t in tree], 's',
+                  color=f'C{i}', mfc='none', ms=8, label=f'{entry} tree')
+          for t in tree:
+            ax.annotate(t['drafter'].split(' tree ')[1], (t['verify_rows'], t[metric]),
+                        fontsize=6, xytext=(3, 3), textcoords='offset points')
+        if metric == 'speedup':
+          ax.axhline(1.0, color='k', lw=0.8)
+      return draw
+    figure('tree_vs_chain_speedup.png', f'speedup over AR vs verify rows: chains (k + 1 rows) '
+           f'and trees (their nodes), T={T0}, batch {B0}', vs_rows('speedup'),
+           'verify rows per target call', 'speedup')
+    figure('tree_vs_chain_tokens_per_call.png', f'tokens per target call vs verify rows, '
+           f'T={T0}, batch {B0}', vs_rows('mean_accepted_per_call'),
+           'verify rows per target call', 'tokens per call')
 
   if len(temps) > 1:
     def vs_temperature(ax, d):

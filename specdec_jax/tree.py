@@ -100,8 +100,14 @@ class TreeShape:
 
   @property
   def num_nodes(self) -> int:
-    """Verify rows: the root (the pending token) and the drafted nodes."""
-    return len(self.layout['parents'])
+    """Verify rows: the root (the pending token) and the drafted nodes
+    (counted without building the layout, so a huge shape fails its size
+    checks instead of filling memory)."""
+    total = level = 1
+    for b in self.branching:
+      level *= b
+      total += level
+    return total
 
   @property
   def layout(self):
@@ -117,6 +123,53 @@ class TreeShape:
     lay = self.layout
     return [lay['path_nodes'][i].tolist() for i in range(self.num_nodes)
             if lay['depths'][i] == self.depth]
+
+
+# The `tree` key of the job, the api and the sweep: '' = a chain, 'auto' =
+# the shape below for the drafter kind (experiments/bench_tree.py measured
+# them; docs/TREE.md), or the branching per depth: '4,2,1' or '4x2x1'.
+AUTO = {'mtp': (2, 2, 1), 'heads': (3, 2, 1), 'ngram': (3, 1, 1, 1)}
+CHAIN = ('', 'none', 'chain')
+
+
+def parse(spec):
+  """'' / 'none' / 'chain' -> None; 'auto' -> 'auto'; '4,2,1', '4x2x1' or a
+  sequence of ints -> TreeShape. UserError (one line) otherwise."""
+  if isinstance(spec, TreeShape) or spec is None:
+    return spec
+  if isinstance(spec, (list, tuple)):
+    items = list(spec)
+  else:
+    text = str(spec).strip().lower()
+    if text in CHAIN:
+      return None
+    if text == 'auto':
+      return 'auto'
+    items = [x.strip() for x in text.replace('x', ',').split(',')]
+  try:
+    branching = tuple(int(x) for x in items)
+  except (TypeError, ValueError):
+    raise UserError(f'tree {spec!r}: use \'\' (a chain), auto, or a branching factor per depth '
+                    'such as 4,2,1 (or 4x2x1)') from None
+  return TreeShape(branching)
+
+
+def resolve(spec, kind: str):
+  """The TreeShape (or None: a chain) for a drafter kind ('mtp', 'heads',
+  'ngram'); 'auto' picks AUTO[kind]. UserError for kinds without trees."""
+  shape = parse(spec)
+  if shape is None:
+    return None
+  if kind not in AUTO:
+    raise UserError(f'tree drafting needs an ngram, heads or mtp drafter, not {kind}')
+  if shape == 'auto':
+    return TreeShape(AUTO[kind])
+  return shape
+
+
+def label(shape) -> str:
+  """'2x2x1' for TreeShape((2, 2, 1)); 'chain' for None."""
+  return 'chain' if shape is None else 'x'.join(map(str, shape.branching))
 
 
 def check_fits(shape: TreeShape, longest_prompt: int, max_new_tokens: int, cache_size: int):
@@ -287,16 +340,18 @@ def propose_mtp(drafter, shape: TreeShape, params, tokens, lengths, target):
 
 
 def propose_ngram(drafter, shape: TreeShape, tokens, lengths):
-  """A tree from prompt lookup, for shapes (b, 1, .., 1): b chains, the
-  continuations of the b most recent earlier occurrences of the context's
-  last n tokens (longest n first, as NgramDrafter). Missing candidates are
-  the last token repeated: still deterministic, hence exact. [B, T] int32."""
-  if any(x != 1 for x in shape.branching[1:]):
-    raise UserError(f'tree {shape.branching}: ngram trees branch at the first depth only '
-                    f'(b, 1, .., 1)')
+  """A trie from prompt lookup: the continuations of the M best earlier
+  occurrences of the context's last n tokens (longest n first, then most
+  recent, as NgramDrafter; M = the tree's leaves) merged by common prefix. A
+  node's children are the first b distinct next tokens among the
+  continuations through it, in that order; where there are fewer, the spare
+  children are the pending token (deterministic, hence exact: the target
+  judges them as any draft). For (b, 1, .., 1) that is b chains from b
+  matches that differ in their first token. [B, T] int32."""
   B, S = tokens.shape
-  b, D = shape.branching[0], shape.depth
+  D, M = shape.depth, int(np.prod(shape.branching))
   m = drafter.max_ngram
+  rows = jnp.arange(B)
   starts = jnp.arange(S)
   suffix = jnp.take_along_axis(
       tokens, jnp.clip(lengths[:, None] - m + jnp.arange(m), 0, S - 1), axis=1)   # [B, m]
@@ -312,15 +367,29 @@ def propose_ngram(drafter, shape: TreeShape, tokens, lengths):
     # Shift start j to end j + n (the wrapped-around starts are never valid).
     hit = jnp.roll(match & valid, n, axis=1)
     score = jnp.where(hit, n * S + starts[None, :], score)
-  val, _ = jax.lax.top_k(score, b)                                       # [B, b]
+  val, _ = jax.lax.top_k(score, min(M, S))                               # [B, M] best first
   begin = jnp.where(val >= 0, val % S, -1)                               # proposal starts
-  lay = shape.layout
-  chain = lay['ranks'][lay['path_nodes'][:, 1]]                          # [T] branch of node
-  idx = begin[:, chain] + np.maximum(lay['depths'] - 1, 0)[None]        # [B, T]
-  found = (begin[:, chain] >= 0) & (idx < lengths[:, None])
-  idx = jnp.where(found, idx, lengths[:, None] - 1)
-  idx = idx.at[:, 0].set(lengths - 1)                                    # the root: pending
-  return jnp.take_along_axis(tokens, idx, axis=1).astype(jnp.int32)
+  pos = begin[:, :, None] + jnp.arange(D)                                # [B, M, D]
+  known = (begin[:, :, None] >= 0) & (pos < lengths[:, None, None])      # inside the context
+  cand = jnp.take_along_axis(tokens, jnp.clip(pos, 0, S - 1).reshape(B, -1),
+                             axis=1).reshape(pos.shape)                  # [B, M, D]
+  pending = tokens[rows, lengths - 1]                                    # [B]
+  out, level = [pending], [begin >= 0]       # per node: the continuations through it [B, M]
+  for d, b in enumerate(shape.branching):
+    nxt = []
+    for through in level:
+      avail = through & known[:, :, d]
+      taken = jnp.zeros_like(avail)
+      for _ in range(b):
+        left = avail & ~taken
+        has = jnp.any(left, axis=1)                                      # [B]
+        tok = jnp.where(has, cand[rows, jnp.argmax(left, axis=1), d], pending)
+        child = avail & (cand[:, :, d] == tok[:, None]) & has[:, None]
+        taken |= child
+        out.append(tok)
+        nxt.append(child)
+    level = nxt
+  return jnp.stack(out, 1).astype(jnp.int32)
 
 
 def check_drafter(drafter, shape: TreeShape):
@@ -333,9 +402,6 @@ def check_drafter(drafter, shape: TreeShape):
   if drafter.draft_len != shape.depth:
     raise UserError(f'tree {shape.branching} is {shape.depth} deep: the drafter\'s draft_len '
                     f'({drafter.draft_len}) must equal it')
-  if isinstance(drafter, drafters.NgramDrafter) and any(x != 1 for x in shape.branching[1:]):
-    raise UserError(f'tree {shape.branching}: ngram trees branch at the first depth only '
-                    f'(b, 1, .., 1)')
   if isinstance(drafter, drafters.HeadsDrafter) and shape.depth > drafter.config.num_draft_heads:
     raise UserError(f'tree {shape.branching} is {shape.depth} deep; the heads drafter has '
                     f'{drafter.config.num_draft_heads} heads')

@@ -86,6 +86,12 @@ BAD = [
     (dict(drafter='ngram', costs='1,2'), '2 costs for 4 draft lengths'),
     (dict(drafter='ngram', costs='1,x'), 'comma-separated list of numbers'),
     (dict(drafter='ngram', acceptance_decay=1.5), 'acceptance_decay'),
+    (dict(drafter='ngram', tree='2,0'), 'branching factor >= 1'),
+    (dict(drafter='ngram', tree='wide'), 'such as 4,2,1'),
+    (dict(drafter='draft_model', tree='2,1'), 'not draft_model'),
+    (dict(tree='2,1'), 'needs a drafter'),
+    (dict(drafter='ngram', tree='600'), "tree's 601 nodes need a cache larger than the model"),
+    (dict(drafter='ngram', tree='50,1', cache_size=128), "tree's 101 nodes it needs a cache"),
 ]
 
 

@@ -70,6 +70,26 @@ def test_sweep_compares_fixed_and_dynamic_draft_lengths(tmp_path):
   assert 'ngram dynamic' in (out / 'results.md').read_text()
 
 
+def test_sweep_compares_trees_with_chains_at_equal_verify_rows(tmp_path):
+  """trees=2x1: ngram's tree 2x1 (5 verify rows) beside its chain at k = 4
+  (also 5 rows) and k = 2; draft_model cannot draft trees (skipped, said);
+  greedy identical to AR; the tree plots written."""
+  out = tmp_path / 'results'
+  r = sweep(f'--config.output={out}', '--config.drafters=ngram,draft_model:target',
+            '--config.draft_lens=2', '--config.temperatures=0', '--config.trees=2x1')
+  assert r.returncode == 0, r.stderr[-3000:]
+  summary = json.loads(r.stdout.strip().splitlines()[-1])
+  assert summary['points'] == 2 * 5 and summary['greedy_identical'] == 1.0
+  assert 'skipping draft_model:target tree 2x1' in r.stderr
+  raw = [json.loads(l) for l in (out / 'raw.jsonl').read_text().splitlines()]
+  rows = {(l['drafter'], l['draft_len']): l['verify_rows'] for l in raw}
+  assert rows == {('none', 0): 1, ('ngram', 2): 3, ('ngram', 4): 5, ('ngram tree 2x1', 2): 5,
+                  ('draft_model:target', 2): 3}
+  assert '| ngram tree 2x1 | 2 (5 rows) |' in (out / 'results.md').read_text()
+  for name in ('tree_vs_chain_speedup.png', 'tree_vs_chain_tokens_per_call.png'):
+    assert (out / name).stat().st_size > 0
+
+
 def test_table_is_recomputed_from_raw(tiny_sweep):
   out = tiny_sweep[0]
   raw = [json.loads(l) for l in (out / 'raw.jsonl').read_text().splitlines()]
@@ -127,6 +147,10 @@ def test_table_is_recomputed_from_raw(tiny_sweep):
     ('draft_lens', '', 'draft_lens is empty'),
     ('dynamic', 'maybe', "dynamic: 'maybe' is not a valid boolean"),
     ('confidence_threshold', -0.5, 'confidence_threshold must be in [0, 1]'),
+    ('trees', '2x0', 'branching factor >= 1'),
+    ('trees', 'wide', 'such as 4,2,1'),
+    ('trees', '2x1,2x1', 'twice'),
+    ('trees', '500x1', "the largest tree's 1001 nodes"),
 ])
 def test_bad_sweep_values_are_refused_before_anything_runs(key, value, message, tmp_path):
   from configs import ablate

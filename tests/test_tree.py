@@ -85,6 +85,7 @@ def test_greedy_tree_equals_autoregressive(tiny):
       'heads': trained_drafter(cfg, 'heads', 3) + (tree_lib.TreeShape((3, 2, 1)),),
       'mtp': trained_drafter(cfg, 'mtp', 3) + (tree_lib.TreeShape((2, 2, 2)),),
       'ngram': (drafters.NgramDrafter(4, cfg.vocab_size), None, tree_lib.TreeShape((3, 1, 1, 1))),
+      'ngram trie': (drafters.NgramDrafter(3, cfg.vocab_size), None, tree_lib.TreeShape((2, 2, 1))),
   }
   for name, (d, dp, shape) in cases.items():
     sp = run_tree(cfg, params, PROMPTS + REPETITIVE, d, dp, shape, batch_size=9)
@@ -138,6 +139,21 @@ def _solo(cfg, params, prompts, i, drafter, shape, temperature):
   batch = generate.make_batch([prompts[i]], batch_size=1, bucket_len=16, max_new_tokens=17,
                               keys=keys, temperature=temperature)
   return generate.completions(gen.generate(params, batch), cfg.eos_id)[0]
+
+
+def test_ngram_trie_merges_matches_by_prefix():
+  """The pending 5 occurred at 1, 4 and 7, continued by 7 8 5, 7 9 5 and
+  6 1 5: the (2, 2, 1) trie's first level holds 6 (most recent) and 7; 7's
+  children are 9 and 8 (one node for the shared 7); 6 has one continuation,
+  so its spare child (and that child's child) is the pending token."""
+  d = drafters.NgramDrafter(3, 64, max_ngram=1)
+  tokens = jnp.array([[2, 5, 7, 8, 5, 7, 9, 5, 6, 1, 5, 0, 0, 0, 0, 0]])
+  nodes = tree_lib.propose_ngram(d, tree_lib.TreeShape((2, 2, 1)), tokens, jnp.array([11]))
+  assert nodes[0].tolist() == [5, 6, 7, 1, 5, 9, 8, 5, 5, 5, 5]
+  # (3, 1, 1): three chains from three matches with distinct first tokens; a
+  # match repeating an earlier one's first token is merged, not a new branch.
+  nodes = tree_lib.propose_ngram(d, tree_lib.TreeShape((3, 1)), tokens, jnp.array([11]))
+  assert nodes[0].tolist() == [5, 6, 7, 5, 1, 9, 5]
 
 
 def test_mtp_tree_of_single_children_is_the_greedy_chain(tiny):
@@ -300,9 +316,132 @@ def test_bad_trees_are_one_clear_error(tiny):
   with pytest.raises(UserError, match='draft_len'):
     generate.Generator(cfg, cache_size=64, drafter=drafters.NgramDrafter(2, cfg.vocab_size),
                        tree=tree_lib.TreeShape((2, 1, 1)))
-  with pytest.raises(UserError, match='first depth only'):
-    generate.Generator(cfg, cache_size=64, drafter=drafters.NgramDrafter(2, cfg.vocab_size),
-                       tree=tree_lib.TreeShape((2, 2)))
   with pytest.raises(UserError, match='ngram, heads or mtp'):
     generate.Generator(cfg, cache_size=64, drafter=drafters.DraftModelDrafter(cfg, 2),
                        tree=tree_lib.TreeShape((2, 2)))
+
+
+# ----------------------------------------------------------------------------
+# The job's keys: cache margin, `tree`, the trace of rounds.
+# ----------------------------------------------------------------------------
+
+def test_cache_margin_is_the_tree_node_count():
+  """A chain of k writes k + 1 slots past a row's end, a tree its node
+  count: the cache (and the context check) must hold that many."""
+  from specdec_jax import runs
+  assert runs.cache_size(16, 100, 3, 1024) == 128                       # 16 + 100 + 4
+  assert runs.cache_size(16, 100, 3, 1024, tree_nodes=21) == 256        # 16 + 100 + 21
+  with pytest.raises(UserError, match="tree's 21 nodes needs a cache of 131 slots > the model "
+                                      'context 128'):
+    runs.cache_size(10, 100, 3, 128, tree_nodes=21)
+  with pytest.raises(UserError, match="tree's 21 nodes it needs a cache of 131 > 128"):
+    runs.cache_size(10, 100, 3, 1024, requested=128, tree_nodes=21)
+
+
+def test_tree_key_values():
+  assert tree_lib.parse('') is None and tree_lib.parse('chain') is None
+  assert tree_lib.parse('auto') == 'auto'
+  assert tree_lib.parse('4,2,1') == tree_lib.parse('4x2x1') == tree_lib.TreeShape((4, 2, 1))
+  assert tree_lib.resolve('auto', 'ngram') == tree_lib.TreeShape(tree_lib.AUTO['ngram'])
+  assert tree_lib.label(tree_lib.TreeShape((2, 2, 1))) == '2x2x1'
+  with pytest.raises(UserError, match='such as 4,2,1'):
+    tree_lib.parse('wide')
+  with pytest.raises(UserError, match='branching factor >= 1'):
+    tree_lib.parse('2,0')
+  assert tree_lib.resolve('2,2', 'ngram') == tree_lib.TreeShape((2, 2))    # a trie
+  with pytest.raises(UserError, match='not draft_model'):
+    tree_lib.resolve('2,2', 'draft_model')
+  assert tree_lib.TreeShape((1000,) * 4).num_nodes > 10 ** 12          # counted, not built
+
+
+def _replay(rounds, completion):
+  """Walks the completion round by round: each round's accepted drafts are
+  the next tokens, then one target token (the last round may be cut at the
+  token limit). Returns where the last round began."""
+  pos = start = 0
+  for r in rounds:
+    n = r['accepted']
+    seg = completion[pos:pos + n]
+    assert r['drafts'][:len(seg)] == seg and len(r['drafts']) >= n, (r, pos, completion)
+    start, pos = pos, pos + n + 1
+  assert start < len(completion) <= pos         # the last round may be cut at the limit
+  return start
+
+
+def _traced(cfg, params, prompts, drafter, dparams, shape, trace, **kw):
+  gen = generate.Generator(cfg, cache_size=kw.pop('cache_size', 64), greedy=True,
+                           drafter=drafter, tree=shape, trace=trace)
+  keys = jax.random.split(jax.random.key(0), len(prompts))
+  batch = generate.make_batch(prompts, batch_size=len(prompts), max_new_tokens=17, keys=keys,
+                              bucket_len=kw.pop('bucket_len', 16))
+  return generate.completions(gen.generate(params, batch, dparams), cfg.eos_id)
+
+
+def test_trace_of_rounds_replays_the_completion(tiny):
+  """Greedy, chain (the target drafting for itself: every draft accepted;
+  a random mtp drafter: few) and tree (mtp; ngram on a repetitive context,
+  deep paths): the trace's accepted drafts and one target token per round
+  give the completion, one round per verify call; trace off, the same
+  completions and no `rounds`."""
+  cfg, params = tiny
+  mtp, mtp_params = trained_drafter(cfg, 'mtp', 3)
+  ar = run_tree(cfg, params, PROMPTS[:1], None, None, None)[0]
+  loop = ar['prompt_ids'] + ar['completion_ids'] + ar['prompt_ids'][1:]
+  cases = [
+      ('self chain', PROMPTS, drafters.DraftModelDrafter(cfg, 3), params, None),
+      ('mtp chain', PROMPTS, mtp, mtp_params, None),
+      ('mtp tree', PROMPTS, mtp, mtp_params, tree_lib.TreeShape((2, 2, 1))),
+      ('ngram tree', [loop], drafters.NgramDrafter(4, cfg.vocab_size), None,
+       tree_lib.TreeShape((3, 1, 1, 1))),
+  ]
+  for name, prompts, d, dp, shape in cases:
+    kw = dict(cache_size=96, bucket_len=32) if name == 'ngram tree' else {}
+    on = _traced(cfg, params, prompts, d, dp, shape, True, **kw)
+    off = _traced(cfg, params, prompts, d, dp, shape, False, **kw)
+    for r, plain in zip(on, off):
+      assert 'rounds' not in plain
+      assert {k: v for k, v in r.items() if k != 'rounds'} == plain, name
+      assert r['draft_calls'] == r['target_calls'] == len(r['rounds']), name
+      _replay(r['rounds'], r['completion_ids'] + [cfg.eos_id] * (r['finish_reason'] == 'eos'))
+      for step in r['rounds']:
+        assert len(step['drafts']) == (3 if shape is None else step['accepted']), name
+    accepted = sum(s['accepted'] for r in on for s in r['rounds'])
+    if name in ('self chain', 'ngram tree'):
+      assert accepted >= 10, name
+
+
+def test_trace_with_an_abstaining_drafter_omits_plain_steps(tiny):
+  """ngram abstains where the context has no match: those steps are not
+  rounds; the rounds recorded are the verify calls."""
+  cfg, params = tiny
+  d = drafters.NgramDrafter(2, cfg.vocab_size)
+  for shape in (None, tree_lib.TreeShape((2, 1))):
+    rows = _traced(cfg, params, [[2, 30, 31, 32, 33]] + REPETITIVE[:2], d, None, shape, True)
+    for r in rows:
+      assert len(r['rounds']) == r['draft_calls'] <= r['target_calls']
+    assert any(r['draft_calls'] < r['target_calls'] for r in rows)
+
+
+def _job(tmp_path, **overrides):
+  from configs.generate import get_config
+  from specdec_jax import jobs
+  c = get_config()
+  c.model, c.output, c.max_new_tokens = 'tiny', str(tmp_path / 'o.jsonl'), 12
+  for key, value in overrides.items():
+    c[key] = value
+  summary = jobs.run(c)
+  import json
+  return summary, [json.loads(l) for l in (tmp_path / 'o.jsonl').read_text().splitlines()]
+
+
+def test_job_tree_and_trace_keys(tmp_path):
+  """`tree=3,1` with ngram: the same greedy completions as the chain, the
+  summary names the tree; `trace=true` adds `rounds` to each line."""
+  chain, chain_lines = _job(tmp_path / 'c', drafter='ngram', draft_len=2, dynamic=False)
+  tree, lines = _job(tmp_path / 't', drafter='ngram', tree='3,1', trace=True)
+  assert [l['completion_ids'] for l in lines] == [l['completion_ids'] for l in chain_lines]
+  assert tree['tree'] == [3, 1] and tree['draft_len'] == 2 and not tree['dynamic']
+  assert tree['verify_rows'] == 7 and chain['verify_rows'] == 3 and chain['tree'] is None
+  assert all('rounds' in l for l in lines) and not any('rounds' in l for l in chain_lines)
+  for l in lines:
+    assert len(l['rounds']) == l['stats']['draft_calls']
