@@ -50,13 +50,84 @@ class KVCache:
     return self.k[0].shape[2]
 
 
+def row_sum(x):
+  """Sum over the last axis, keepdims, in a fixed order: zero-padded to a
+  power of two, then halved pairwise (x[:n/2] + x[n/2:]) until one is left.
+
+  A reduction's rounding must not depend on how many rows are reduced
+  together. XLA:CPU vectorises `jnp.sum` / `jnp.mean` differently for 1 and
+  for 2+ rows, so an RMSNorm over one token (a plain decode step) and the
+  same token among k + 1 (a verify pass) differed in the last bit; with bf16
+  weights such a bit flips the bf16 rounding of some activation and moves
+  logits by ~0.05, enough to flip near-ties, and greedy speculative decoding
+  then left plain greedy decoding (`python -m experiments.bench_identity`).
+  Elementwise adds have exactly one order, so each row's sum is the same
+  whatever the other rows are.
+  """
+  n = x.shape[-1]
+  size = 1 << max(0, (n - 1).bit_length())
+  if size != n:
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - n)])
+  while size > 1:
+    size //= 2
+    x = x[..., :size] + x[..., size:]
+  return x
+
+
+def settled(x, zero):
+  """x, rounded to float32 before its consumer sees it. `zero`: an int32
+  scalar that is 0 at run time but not known to be 0 when compiling.
+
+  XLA:CPU lets LLVM contract a multiply feeding an add into one fused
+  multiply-add (its target options always allow FMA fusion), and whether it
+  does depends on how the surrounding ops were fused, which depends on the
+  shapes. A norm's last multiply feeding the residual add was contracted in a
+  verify pass over 2+ tokens but not in a plain step over one (or the other
+  way round), so the residual stream differed in the last bit; with bf16
+  weights that bit flips the bf16 rounding of some activation downstream and
+  moves logits by ~0.05. Passing the product's bits through an xor with an
+  opaque zero leaves the value alone but hides the multiply from the add
+  (`lax.optimization_barrier` does not: XLA:CPU removes it before fusion).
+  """
+  bits = jax.lax.bitcast_convert_type(x, jnp.int32) ^ zero
+  return jax.lax.bitcast_convert_type(bits, x.dtype)
+
+
+def row_max(x):
+  """Max over the last axis, keepdims, by the same pairwise halving as
+  `row_sum`. The max itself is exact either way, but `exp(x - jnp.max(x))`
+  fused with a reduction rounded exp differently for 4 and for 8 query rows
+  (55 of 2048 probabilities differed in the last bit); with only elementwise
+  ops in the fusion every row is computed alike."""
+  n = x.shape[-1]
+  size = 1 << max(0, (n - 1).bit_length())
+  if size != n:
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - n)], constant_values=-jnp.inf)
+  while size > 1:
+    size //= 2
+    x = jnp.maximum(x[..., :size], x[..., size:])
+  return x
+
+
+def row_softmax(x):
+  """Softmax over the last axis that rounds each row the same whatever the
+  other rows (`row_max`, `row_sum`)."""
+  e = jnp.exp(x - row_max(x))
+  return e / row_sum(e)
+
+
+def opaque_zero(positions):
+  """0 as an int32 scalar the compiler cannot fold (positions are >= 0)."""
+  return jnp.minimum(jnp.min(positions), 0).astype(jnp.int32)
+
+
 def rms_norm(x, scale, eps):
-  """x * rsqrt(mean(x^2) + eps) * scale, in float32.
+  """x * rsqrt(mean(x^2) + eps) * scale, in float32 (the mean by `row_sum`).
 
   `scale` is the full multiplier (Gemma's `1 + w`, as the GGUF stores it).
   """
   x32 = x.astype(jnp.float32)
-  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  y = x32 * jax.lax.rsqrt(row_sum(x32 * x32) / x32.shape[-1] + eps)
   return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
@@ -122,6 +193,10 @@ def lm_head(hidden, embedding):
   return matmul(h, embedding).reshape(*lead, embedding.shape[0]).astype(jnp.float32)
 
 
+# Slots a local layer's cut reads beyond its window (see visible_slots).
+SPAN_PAD = 64
+
+
 def visible_slots(keys, values, q_pos, window: Optional[int]):
   """The cache slots the queries of each row can see, and their positions.
 
@@ -131,11 +206,20 @@ def visible_slots(keys, values, q_pos, window: Optional[int]):
   start earlier; the mask still applies by position): its cost then does
   not grow with the cache. Otherwise every slot. Returns (keys, values)
   [B, K, S', H] and key positions [B, S'].
+
+  The cut is window + SPAN_PAD slots for any T <= SPAN_PAD + 1, not
+  window + T - 1: the softmax sum and the probabilities-times-values product
+  round by their length, so a plain step (T = 1) and a verify pass (T = k + 1)
+  must reduce over the same slots for a query's output to be bitwise the
+  same. With bf16 weights an ulp of difference there flips the bf16 rounding
+  of some activation and moves logits by ~0.01, enough to flip near-ties:
+  greedy speculative decoding then differed from plain decoding on 2 of 3
+  prose prompts (README, "bf16 near-ties").
   """
   B, S, T = keys.shape[0], keys.shape[2], q_pos.shape[1]
-  if window is None or window + T - 1 >= S:
+  span = window + SPAN_PAD * max(1, -(-(T - 1) // SPAN_PAD)) if window else S
+  if span >= S:
     return keys, values, jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-  span = window + T - 1
   start = jnp.clip(q_pos[:, 0] - window + 1, 0, S - span)
   cut = jax.vmap(lambda c, s0: jax.lax.dynamic_slice_in_dim(c, s0, span, axis=1))
   key_pos = start[:, None] + jnp.arange(span, dtype=jnp.int32)[None, :]
@@ -174,7 +258,7 @@ def attend(q, keys, values, q_pos, key_pos, window: Optional[int], strict: bool 
     if window is not None:
       mask &= k_pos > row_pos - window
   scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1)
+  probs = row_softmax(scores)
   if strict:   # a query at position 0 sees nothing: zero its uniform weights
     probs = probs * jnp.any(mask, -1)[:, None, :, None]
   out = jax.lax.dot_general(probs.astype(values.dtype), values,
@@ -306,9 +390,10 @@ class Block(nn.Module):
     norm = lambda name: RMSNorm(cfg.norm_eps, name=name)
     h, new_kv = Attention(cfg, self.is_global, name='attn')(
         norm('pre_attn_norm')(x), positions, cache_kv, tree)
-    x = x + norm('post_attn_norm')(h)
+    zero = opaque_zero(positions)
+    x = settled(x, zero) + settled(norm('post_attn_norm')(h), zero)
     h = MLP(cfg, name='mlp')(norm('pre_ffw_norm')(x))
-    x = x + norm('post_ffw_norm')(h)
+    x = x + settled(norm('post_ffw_norm')(h), zero)
     return x, new_kv
 
 

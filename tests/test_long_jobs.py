@@ -131,7 +131,7 @@ def test_existing_output_is_refused_untouched_unless_resume_or_overwrite(uninter
   assert 'exclude each other' in job_error(full_dir, prompts=prompts, resume=True,
                                            overwrite=True, **JOB)
   for change in (dict(temperature=0.5), dict(seed=1), dict(drafter='none'),
-                 dict(max_new_tokens=11), dict(draft_len=3), dict(num_samples=1)):
+                 dict(max_new_tokens=11), dict(draft_len=3, costs='1,1.1,1.2,1.3'), dict(num_samples=1)):
     msg = job_error(full_dir, prompts=prompts, resume=True, **dict(JOB, **change))
     assert 'other settings' in msg and f'{next(iter(change))}:' in msg, msg
   assert out.read_bytes() == before and out.stat().st_mtime_ns == mtime

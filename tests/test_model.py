@@ -74,3 +74,34 @@ def test_gemma_cached_equals_full(gemma):
   # Relative to the logit scale (~30): float32 accumulation-order noise only.
   np.testing.assert_allclose(inc, full, atol=2e-3, rtol=0)
   np.testing.assert_array_equal(np.argmax(inc, -1), np.argmax(full, -1))
+
+
+def test_a_query_rounds_alike_among_any_number_of_rows():
+  """attend / rms_norm: row 0's output is bitwise the same whether it is
+  computed alone (a plain step) or among 2..9 query rows (a verify pass).
+  jax.nn.softmax fails this on XLA:CPU (52 of 1024 outputs differed for 1 vs
+  2 tokens); see model.row_max."""
+  from specdec_jax.model import attend, rms_norm, row_max, row_softmax, row_sum
+  rng = np.random.default_rng(1)
+  S, H = 512, 256
+  keys = jnp.asarray(rng.standard_normal((1, 1, S, H)), jnp.float32)
+  vals = jnp.asarray(rng.standard_normal((1, 1, S, H)), jnp.float32)
+  q = jnp.asarray(rng.standard_normal((1, 9, 4, H)) * 0.1, jnp.float32)
+  kp = jnp.arange(S, dtype=jnp.int32)[None]
+  f = jax.jit(lambda q, qp: attend(q, keys, vals, qp, kp, 512))
+  x = jnp.asarray(rng.standard_normal((1, 9, 640)) * 3, jnp.float32)
+  scale = jnp.asarray(rng.standard_normal(640), jnp.float32)
+  norm = jax.jit(lambda x: rms_norm(x, scale, 1e-6))
+  first_att = first_norm = None
+  for T in [1, 2, 3, 5, 9]:
+    att = np.asarray(f(q[:, :T], (100 + jnp.arange(T, dtype=jnp.int32))[None]))[0, 0]
+    nrm = np.asarray(norm(x[:, :T]))[0, 0]
+    if first_att is None:
+      first_att, first_norm = att, nrm
+    np.testing.assert_array_equal(att, first_att, err_msg=f'T={T}')
+    np.testing.assert_array_equal(nrm, first_norm, err_msg=f'T={T}')
+  # and they are the sums, maxima and softmax they stand for
+  y = jnp.asarray(rng.standard_normal((3, 7, 300)), jnp.float32)
+  np.testing.assert_allclose(row_sum(y), y.sum(-1, keepdims=True), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(row_max(y), y.max(-1, keepdims=True))
+  np.testing.assert_allclose(row_softmax(y), jax.nn.softmax(y, -1), rtol=1e-5, atol=1e-7)
