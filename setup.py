@@ -28,5 +28,5 @@ setup(
         'matplotlib',               # the sweep's plots
     ],
     # nbclient / nbformat / ipykernel: tests execute the colab/ notebooks.
-    extras_require={'test': ['pytest', 'chex', 'nbclient', 'nbformat', 'ipykernel']},
+    extras_require={'test': ['pytest', 'pytest-xdist', 'chex', 'nbclient', 'nbformat', 'ipykernel']},
 )

@@ -173,6 +173,14 @@ def _weights_in(flat: dict, entry: pathlib.Path, param_dtype: str) -> dict:
   return out
 
 
+def _complete(meta_file: pathlib.Path) -> bool:
+  """Whether a cache entry is whole and in this code's format."""
+  try:
+    return json.loads(meta_file.read_text()).get('format') == CACHE_FORMAT
+  except (OSError, ValueError):
+    return False
+
+
 def load_gemma3(gguf_path=None, cache_dir=None, param_dtype: str = 'float32',
                 dtype: str = 'float32') -> Tuple[config_lib.ModelConfig, dict, Tokenizer]:
   """(config, params, tokenizer) for a Gemma 3 GGUF (default: the 270M package).
@@ -188,14 +196,7 @@ def load_gemma3(gguf_path=None, cache_dir=None, param_dtype: str = 'float32',
   cache_root = pathlib.Path(cache_dir) if cache_dir else _DEFAULT_CACHE
   entry = cache_root / _sha256(gguf_path)[:24]
   meta_file = entry / 'meta.json'
-  cached = False
-  if meta_file.is_file():
-    try:
-      meta = json.loads(meta_file.read_text())
-      cached = meta.get('format') == CACHE_FORMAT
-    except (OSError, ValueError):
-      cached = False
-  if not cached:
+  if not _complete(meta_file):
     cfg, flat, proto = _convert(gguf_path)
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(dir=entry.parent, prefix='.tmp-'))
@@ -205,11 +206,17 @@ def load_gemma3(gguf_path=None, cache_dir=None, param_dtype: str = 'float32',
       (tmp / 'meta.json').write_text(json.dumps(
           {'format': CACHE_FORMAT, 'source': str(gguf_path),
            'config': dataclasses.asdict(cfg)}, indent=1))
-      shutil.rmtree(entry, ignore_errors=True)
-      os.replace(tmp, entry)   # atomic: a killed conversion leaves no half cache
+      if not _complete(meta_file):   # else another process finished first: keep its copy
+        shutil.rmtree(entry, ignore_errors=True)
+        try:
+          os.replace(tmp, entry)   # atomic: a killed conversion leaves no half cache
+        except OSError:            # another process's entry landed in between
+          if not _complete(meta_file):
+            raise
     finally:
       shutil.rmtree(tmp, ignore_errors=True)
   else:
+    meta = json.loads(meta_file.read_text())
     cfg = config_lib.ModelConfig(**meta['config'])
     flat = _load_npz(entry / 'params.npz', entry)
     proto = (entry / 'tokenizer.model').read_bytes()

@@ -42,6 +42,7 @@ prior and the decay are arrays, so a sweep over them never recompiles.
 import dataclasses
 import hashlib
 import json
+import os
 import pathlib
 import statistics
 import time
@@ -270,7 +271,7 @@ def cached_costs(key: str, measure, cache_dir: pathlib.Path):
     pass
   costs = measure()
   cache_dir.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix('.tmp')
+  tmp = path.with_suffix(f'.{os.getpid()}.tmp')   # per process: several may measure at once
   tmp.write_text(json.dumps({'costs': costs}))
   tmp.replace(path)
   return costs, False

@@ -95,7 +95,7 @@ def _cpu_verdict() -> Tuple[str, str]:
          f'{ms["bfloat16"][0]:.1f} / {ms["bfloat16"][1]:.1f} ms (measured once, cached in {path})')
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix('.tmp')
+    tmp = path.with_suffix(f'.{os.getpid()}.tmp')   # per process: several may measure
     tmp.write_text(json.dumps({'param_dtype': best, 'why': why, 'ms': ms}))
     os.replace(tmp, path)
   except OSError:
