@@ -2,7 +2,8 @@
 
 The same `ModelConfig` describes Gemma 3 270M (loaded from the GGUF), other
 Gemma 3 sizes, and the tiny random models the tests use. It is hashable so it
-can sit inside the static objects that `jax.jit` keys its cache on.
+can sit inside the static objects that `jax.jit` keys its cache on. Gemma 4's
+config (models/gemma4.py) shares `ConfigMixin` with it.
 """
 import dataclasses
 from typing import Tuple
@@ -10,8 +11,42 @@ from typing import Tuple
 import jax.numpy as jnp
 
 
+class ConfigMixin:
+  """What every model config has: dtype names (`dtype`, `param_dtype`) as
+  jnp dtypes, `replace`, and the ids that end a generation (`eos_id`, or
+  `eos_ids` when a checkpoint lists several, e.g. <eos> and <end_of_turn>)."""
+
+  def _freeze_eos_ids(self):
+    # Lists (JSON, HF configs) become a tuple: the config stays hashable.
+    object.__setattr__(self, 'eos_ids', tuple(int(i) for i in self.eos_ids))
+
+  @property
+  def stop_ids(self) -> Tuple[int, ...]:
+    return self.eos_ids or (self.eos_id,)
+
+  @property
+  def jnp_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def jnp_param_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  def replace(self, **kw):
+    return dataclasses.replace(self, **kw)
+
+
+def is_eos(tokens, config):
+  """tokens (any shape) == any of the config's stop ids, elementwise."""
+  ids = config.stop_ids
+  out = tokens == ids[0]
+  for i in ids[1:]:
+    out = out | (tokens == i)
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(ConfigMixin):
   vocab_size: int
   num_layers: int
   embed_dim: int            # D
@@ -33,8 +68,10 @@ class ModelConfig:
   bos_id: int = 2
   eos_id: int = 1
   pad_id: int = 0
+  eos_ids: Tuple[int, ...] = ()  # every id that ends a generation; () = (eos_id,)
 
   def __post_init__(self):
+    self._freeze_eos_ids()
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f'num_heads={self.num_heads} is not a multiple of '
                        f'num_kv_heads={self.num_kv_heads}')
@@ -44,16 +81,6 @@ class ModelConfig:
     p = self.sliding_window_pattern
     return tuple((i + 1) % p == 0 for i in range(self.num_layers))
 
-  @property
-  def jnp_dtype(self):
-    return jnp.dtype(self.dtype)
-
-  @property
-  def jnp_param_dtype(self):
-    return jnp.dtype(self.param_dtype)
-
-  def replace(self, **kw) -> 'ModelConfig':
-    return dataclasses.replace(self, **kw)
 
 
 def gemma3_270m(**overrides) -> ModelConfig:

@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from specdec_jax.config import is_eos
 from specdec_jax.errors import UserError
 
 LAYOUT_VERSION = 1
@@ -340,7 +341,7 @@ def record(gen, params, state, kv_layers: tuple, topk: int):
       top_l = top_l.at[rows, at].set(v - jax.nn.logsumexp(logits, -1, keepdims=True), mode='drop')
     tokens = st.tokens.at[rows, jnp.where(live, L, S)].set(nxt, mode='drop')
     lengths = L + live
-    done = st.done | (live & (nxt == gen.config.eos_id)) | (lengths >= st.batch.limits)
+    done = st.done | (live & is_eos(nxt, gen.config)) | (lengths >= st.batch.limits)
     st = st.replace(tokens=tokens, lengths=lengths, done=done, hidden=h[:, 0],
                     cache=cache.replace(lengths=lengths - 1))
     return st, hid, top_i, top_l

@@ -33,7 +33,7 @@ from specdec_jax import policy as policy_lib
 from specdec_jax import rejection, sampling
 from specdec_jax import trace as trace_lib
 from specdec_jax import tree as tree_lib
-from specdec_jax.config import ModelConfig
+from specdec_jax.config import ModelConfig, is_eos
 from specdec_jax.drafters import TargetView, with_draft_len
 from specdec_jax.model import KVCache, build
 
@@ -171,7 +171,7 @@ class Generator:
     tokens = state.tokens.at[rows, state.lengths].set(
         jnp.where(live, nxt, state.tokens[rows, state.lengths]))
     lengths = state.lengths + live
-    done = state.done | (live & (nxt == self.config.eos_id)) | (lengths >= b.limits)
+    done = state.done | (live & is_eos(nxt, self.config)) | (lengths >= b.limits)
     return state.replace(
         tokens=tokens, lengths=lengths, done=done, hidden=hidden,
         cache=cache.replace(lengths=lengths - 1),
@@ -217,7 +217,7 @@ class Generator:
     emitted = jnp.where(slot < n[:, None], jnp.concatenate([drafts, drafts[:, :1]], 1),
                         nxt[:, None])                                      # [B, k+1]
     count = n + 1
-    eos = (emitted == self.config.eos_id) & (slot < count[:, None])
+    eos = is_eos(emitted, self.config) & (slot < count[:, None])
     hit_eos = jnp.any(eos, axis=1)
     count = jnp.where(hit_eos, jnp.argmax(eos, axis=1) + 1, count)
     count = jnp.where(live, jnp.minimum(count, b.limits - L), 0)           # never past the limit
@@ -403,7 +403,7 @@ class Generator:
                         jnp.concatenate([path_tokens, path_tokens[:, :1]], 1),
                         nxt[:, None])                                      # [B, D+1]
     count = n + 1
-    eos = (emitted == self.config.eos_id) & (slot < count[:, None])
+    eos = is_eos(emitted, self.config) & (slot < count[:, None])
     hit_eos = jnp.any(eos, axis=1)
     count = jnp.where(hit_eos, jnp.argmax(eos, axis=1) + 1, count)
     count = jnp.where(live, jnp.minimum(count, b.limits - L), 0)
@@ -475,8 +475,10 @@ def make_batch(prompts: Sequence[Sequence[int]], *, batch_size: int, bucket_len:
                active=jnp.asarray(np.arange(batch_size) < n))
 
 
-def completions(state: DecodeState, eos_id: int) -> List[dict]:
-  """Per active row: completion ids (EOS stripped), finish reason, stats."""
+def completions(state: DecodeState, eos_id) -> List[dict]:
+  """Per active row: completion ids (EOS stripped), finish reason, stats.
+  `eos_id`: the stop id, or all of them (a config's `stop_ids`)."""
+  stops = set(np.atleast_1d(eos_id).tolist())
   tokens = np.asarray(state.tokens)
   lengths = np.asarray(state.lengths)
   b = state.batch
@@ -488,7 +490,7 @@ def completions(state: DecodeState, eos_id: int) -> List[dict]:
   out = []
   for i in np.flatnonzero(active):
     ids = tokens[i, plen[i]:lengths[i]].tolist()
-    eos = bool(ids) and ids[-1] == eos_id
+    eos = bool(ids) and ids[-1] in stops
     out.append(dict(prompt_ids=tokens[i, :plen[i]].tolist(),
                     completion_ids=ids[:-1] if eos else ids,
                     finish_reason='eos' if eos else 'length',

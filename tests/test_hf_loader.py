@@ -186,6 +186,8 @@ def test_published_style_config_uses_transformers_defaults():
   assert cfg.is_global == tuple((i + 1) % 6 == 0 for i in range(34))
   assert (cfg.rope_base_global, cfg.rope_scale_global, cfg.rope_base_local) == (1e6, 8.0, 1e4)
   assert (cfg.sliding_window, cfg.query_pre_attn_scalar, cfg.eos_id, cfg.bos_id) == (1024, 256, 1, 2)
+  # Both listed ids end a generation (config.is_eos); the config stays hashable.
+  assert cfg.stop_ids == (1, 106) and hash(cfg) == hash(cfg.replace())
 
 
 def test_gemma3_270m_config_gives_our_270m():

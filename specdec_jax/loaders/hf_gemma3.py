@@ -13,9 +13,7 @@ cannot run (logit soft-capping, bidirectional attention, biases, an untied
 LM head, RoPE kinds other than default / linear, layer types that are not a
 periodic local/global pattern) is refused with one line.
 
-Names: `model.` (gemma3_text), `model.language_model.` (transformers >= 4.52
-in memory) or `language_model.model.` (what the published multimodal
-checkpoints, and transformers 5 on save, write).
+Names: under one of safetensors_folder.LANGUAGE_MODEL_PREFIXES.
 """
 import pathlib
 from typing import Any, Optional, Tuple
@@ -25,7 +23,8 @@ from specdec_jax.checkpoints import unflatten
 from specdec_jax.errors import UserError
 from specdec_jax.loaders import placement
 from specdec_jax.loaders.hf_tokenizer import load_tokenizer
-from specdec_jax.loaders.safetensors_folder import HFFolder, open_hf_folder
+from specdec_jax.loaders.safetensors_folder import (
+    HFFolder, check_shapes, config_value, language_model_prefix, open_hf_folder, token_ids)
 
 MODEL_TYPES = ('gemma3_text', 'gemma3')
 
@@ -41,15 +40,11 @@ DEFAULTS = dict(
     rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, rope_scaling=None)
 # The tanh approximation of GELU under its transformers names.
 _GELU_TANH = ('gelu_pytorch_tanh', 'gelu_new', 'gelu_fast')
-_PREFIXES = ('model.language_model.', 'language_model.model.', 'model.')
 
 
 def _get(folder: HFFolder, key: str):
-  """A text-config value; ids may sit at the top of a multimodal config."""
-  for d in (folder.text_config, folder.config):
-    if d.get(key) is not None:
-      return d[key]
-  return DEFAULTS[key]
+  """A text-config value (a null takes the default)."""
+  return config_value(folder, key, DEFAULTS)
 
 
 def _layer_pattern(folder: HFFolder, n: int) -> int:
@@ -95,10 +90,6 @@ def _rope(folder: HFFolder) -> Tuple[float, float, float]:
   return base_global, scale_global, base_local
 
 
-def _first(x) -> int:
-  return int(x[0] if isinstance(x, (list, tuple)) else x)
-
-
 def config_from_hf(folder: HFFolder, *, param_dtype: str = 'float32',
                    dtype: str = 'float32') -> config_lib.ModelConfig:
   """Our ModelConfig from a gemma3 / gemma3_text folder's config.json."""
@@ -134,19 +125,7 @@ def config_from_hf(folder: HFFolder, *, param_dtype: str = 'float32',
       rope_scale_global=scale_global, norm_eps=float(_get(folder, 'rms_norm_eps')),
       max_context=int(_get(folder, 'max_position_embeddings')),
       dtype=dtype, param_dtype=param_dtype,
-      bos_id=_first(_get(folder, 'bos_token_id')),
-      # Instruction-tuned configs list [1, 106] (<eos>, <end_of_turn>): the
-      # model config holds one stop id, the first.
-      eos_id=_first(_get(folder, 'eos_token_id')),
-      pad_id=_first(_get(folder, 'pad_token_id')))
-
-
-def _prefix(folder: HFFolder) -> str:
-  for p in _PREFIXES:
-    if p + 'embed_tokens.weight' in folder:
-      return p
-  raise UserError(f'{folder.path}: no Gemma 3 language model in the checkpoint (looked for '
-                  + ', '.join(p + 'embed_tokens.weight' for p in _PREFIXES) + ')')
+      **token_ids(lambda key: _get(folder, key)))
 
 
 def _sources(cfg: config_lib.ModelConfig):
@@ -187,14 +166,9 @@ def load_params(folder: HFFolder, cfg: config_lib.ModelConfig, *,
   float32), as model.rms_norm expects.
   """
   import numpy as np
-  prefix = _prefix(folder)
+  prefix = language_model_prefix(folder, 'Gemma 3')
   sources = _sources(cfg)
-  for parts, _ in sources.values():
-    for name, want in parts:
-      got = folder.shape(prefix + name)
-      if got != want:
-        raise UserError(f'{folder.path}: {prefix + name} has shape {list(got)} but '
-                        f'config.json implies {list(want)}')
+  check_shapes(folder, prefix, [part for parts, _ in sources.values() for part in parts])
   flat = {}
   for path, (parts, how) in sources.items():
     arrays = [folder.get(prefix + name) for name, _ in parts]

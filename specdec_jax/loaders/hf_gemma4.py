@@ -24,7 +24,8 @@ from specdec_jax.checkpoints import unflatten
 from specdec_jax.errors import UserError
 from specdec_jax.loaders import placement
 from specdec_jax.loaders.hf_tokenizer import load_tokenizer
-from specdec_jax.loaders.safetensors_folder import HFFolder, open_hf_folder
+from specdec_jax.loaders.safetensors_folder import (
+    HFFolder, check_shapes, config_value, language_model_prefix, open_hf_folder, token_ids)
 from specdec_jax.models.gemma4 import Gemma4Config
 
 MODEL_TYPES = ('gemma4_text', 'gemma4')
@@ -47,22 +48,13 @@ DEFAULT_ROPE = {
                        'rope_theta': 1_000_000.0},
 }
 _GELU_TANH = ('gelu_pytorch_tanh', 'gelu_new', 'gelu_fast')
-_PREFIXES = ('model.language_model.', 'language_model.model.', 'model.')
 _TYPES = ('sliding_attention', 'full_attention')
 
 
 def _get(folder: HFFolder, key: str):
-  """A text-config value as transformers reads it: a key present wins even
-  when null (hidden_size_per_layer_input: null = no PLE); ids may sit at the
-  top of a multimodal config; else transformers' default."""
-  for d in (folder.text_config, folder.config):
-    if key in d:
-      return d[key]
-  return DEFAULTS[key]
-
-
-def _first(x) -> int:
-  return int(x[0] if isinstance(x, (list, tuple)) else x)
+  """A text-config value; a key present wins even when null
+  (hidden_size_per_layer_input: null = no PLE)."""
+  return config_value(folder, key, DEFAULTS, keep_null=True)
 
 
 def _layer_types(folder: HFFolder, n: int):
@@ -192,18 +184,7 @@ def _config_from_hf(folder: HFFolder, param_dtype: str, dtype: str) -> Gemma4Con
       norm_eps=float(_get(folder, 'rms_norm_eps')),
       max_context=int(_get(folder, 'max_position_embeddings')),
       dtype=dtype, param_dtype=param_dtype,
-      bos_id=_first(_get(folder, 'bos_token_id')),
-      # Instruction-tuned configs list several stop ids: the first is <eos>.
-      eos_id=_first(_get(folder, 'eos_token_id')),
-      pad_id=_first(_get(folder, 'pad_token_id')))
-
-
-def _prefix(folder: HFFolder) -> str:
-  for p in _PREFIXES:
-    if p + 'embed_tokens.weight' in folder:
-      return p
-  raise UserError(f'{folder.path}: no Gemma 4 language model in the checkpoint (looked for '
-                  + ', '.join(p + 'embed_tokens.weight' for p in _PREFIXES) + ')')
+      **token_ids(lambda key: _get(folder, key)))
 
 
 def _sources(cfg: Gemma4Config):
@@ -271,14 +252,9 @@ def load_params(folder: HFFolder, cfg: Gemma4Config, *,
   Every shape is checked against the config (from the file headers) before
   any tensor is read."""
   import numpy as np
-  prefix = _prefix(folder)
+  prefix = language_model_prefix(folder, 'Gemma 4')
   sources = _sources(cfg)
-  for parts in sources.values():
-    for name, want in parts:
-      got = folder.shape(prefix + name)
-      if got != want:
-        raise UserError(f'{folder.path}: {prefix + name} has shape {list(got)} but '
-                        f'config.json implies {list(want)}')
+  check_shapes(folder, prefix, [part for parts in sources.values() for part in parts])
   flat = {}
   for path, parts in sources.items():
     arrays = [folder.get(prefix + name) for name, _ in parts]

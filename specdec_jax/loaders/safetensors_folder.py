@@ -160,3 +160,55 @@ def open_hf_folder(path) -> HFFolder:
   folder = HFFolder(root, config, files, where)
   folder._handles = handles
   return folder
+
+
+# ----------------------------------------------------------------------------- shared by the Gemma loaders
+
+# Where a Gemma language model's tensors sit: `model.` (*_text checkpoints),
+# `model.language_model.` (transformers >= 4.52 in memory) or
+# `language_model.model.` (the published multimodal checkpoints, and
+# transformers 5 on save).
+LANGUAGE_MODEL_PREFIXES = ('model.language_model.', 'language_model.model.', 'model.')
+
+
+def language_model_prefix(folder: HFFolder, what: str) -> str:
+  """The prefix under which `folder` holds its language model (`what`, e.g.
+  'Gemma 3', names it in the error line)."""
+  for p in LANGUAGE_MODEL_PREFIXES:
+    if p + 'embed_tokens.weight' in folder:
+      return p
+  raise UserError(f'{folder.path}: no {what} language model in the checkpoint (looked for '
+                  + ', '.join(p + 'embed_tokens.weight' for p in LANGUAGE_MODEL_PREFIXES) + ')')
+
+
+def config_value(folder: HFFolder, key: str, defaults: dict, *, keep_null: bool = False):
+  """A text-config value as transformers reads it: text_config first, then
+  the top level (ids sit there in multimodal configs), else `defaults[key]`.
+  A null counts as absent unless `keep_null` (for keys where null means
+  something, e.g. Gemma 4's hidden_size_per_layer_input: null = no PLE)."""
+  for d in (folder.text_config, folder.config):
+    if key in d and (keep_null or d[key] is not None):
+      return d[key]
+  return defaults[key]
+
+
+def token_ids(get) -> dict:
+  """bos_id, eos_id, pad_id and eos_ids of a model config, from `get(key)`
+  (a config_value). Instruction-tuned configs list several stop ids (e.g.
+  [1, 106]: <eos>, <end_of_turn>): eos_id is the first, and generation stops
+  on any of eos_ids."""
+  first = lambda x: int(x[0] if isinstance(x, (list, tuple)) else x)
+  eos = get('eos_token_id')
+  return dict(bos_id=first(get('bos_token_id')), eos_id=first(eos),
+              pad_id=first(get('pad_token_id')),
+              eos_ids=tuple(int(i) for i in eos) if isinstance(eos, (list, tuple)) else ())
+
+
+def check_shapes(folder: HFFolder, prefix: str, parts) -> None:
+  """UserError (one line) unless each (name, shape) in `parts` has that shape
+  in the file headers: run before any tensor is read."""
+  for name, want in parts:
+    got = folder.shape(prefix + name)
+    if got != want:
+      raise UserError(f'{folder.path}: {prefix + name} has shape {list(got)} but '
+                      f'config.json implies {list(want)}')

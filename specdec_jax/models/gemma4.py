@@ -43,12 +43,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from specdec_jax.config import ConfigMixin
 from specdec_jax.model import RMSNorm, attend, linear, lm_head, rms_norm, visible_slots
 from specdec_jax.models.moe import MoE
 
 
 @dataclasses.dataclass(frozen=True)
-class Gemma4Config:
+class Gemma4Config(ConfigMixin):
   """Static Gemma 4 text config (hashable: it keys jit caches)."""
   vocab_size: int
   num_layers: int
@@ -83,8 +84,10 @@ class Gemma4Config:
   bos_id: int = 2
   eos_id: int = 1
   pad_id: int = 0
+  eos_ids: Tuple[int, ...] = ()      # every id that ends a generation; () = (eos_id,)
 
   def __post_init__(self):
+    self._freeze_eos_ids()
     if len(self.is_global) != self.num_layers:
       raise ValueError(f'{len(self.is_global)} layer types for {self.num_layers} layers')
     if not 0 <= self.num_kv_shared_layers < self.num_layers:
@@ -129,16 +132,6 @@ class Gemma4Config:
     (`model.KVCache.init` sizes the cache from it)."""
     return tuple(self.heads(i) for i in range(self.first_shared))
 
-  @property
-  def jnp_dtype(self):
-    return jnp.dtype(self.dtype)
-
-  @property
-  def jnp_param_dtype(self):
-    return jnp.dtype(self.param_dtype)
-
-  def replace(self, **kw) -> 'Gemma4Config':
-    return dataclasses.replace(self, **kw)
 
 
 def rope_frequencies(head_dim: int, base: float, fraction: float, scale: float):
