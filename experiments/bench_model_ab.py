@@ -67,7 +67,9 @@ def main(_):
   old = old_model(_REF.value)
   target = load_target('gemma3_270m', param_dtype=_DTYPE.value)
   cfg, params = target.config, target.params
-  print(json.dumps({'cpu': cpu_info(), 'ref': _REF.value,
+  name, cpu_flags = cpu_info()
+  print(json.dumps({'cpu': name, 'bf16_flags': sorted(cpu_flags & {'avx512_bf16', 'amx_bf16'}),
+                    'ref': _REF.value,
                     'param_dtype': str(params['embedding'].dtype)}))
   rows = []
   for b in map(int, _BATCH.value):
