@@ -379,10 +379,11 @@ def _traced(cfg, params, prompts, drafter, dparams, shape, trace, **kw):
 
 def test_trace_of_rounds_replays_the_completion(tiny):
   """Greedy, chain (the target drafting for itself: every draft accepted;
-  a random mtp drafter: few) and tree (mtp; ngram on a repetitive context,
-  deep paths): the trace's accepted drafts and one target token per round
-  give the completion, one round per verify call; trace off, the same
-  completions and no `rounds`."""
+  a random mtp drafter: few) and tree (mtp): the trace's accepted drafts and
+  one target token per round give the completion, one round per verify
+  call. ngram's tree on a repetitive context (deep paths; it may abstain, so
+  no replay): one round per verify call, the accepted path's drafts. Trace
+  off: the same completions and no `rounds`."""
   cfg, params = tiny
   mtp, mtp_params = trained_drafter(cfg, 'mtp', 3)
   ar = run_tree(cfg, params, PROMPTS[:1], None, None, None)[0]
@@ -401,8 +402,10 @@ def test_trace_of_rounds_replays_the_completion(tiny):
     for r, plain in zip(on, off):
       assert 'rounds' not in plain
       assert {k: v for k, v in r.items() if k != 'rounds'} == plain, name
-      assert r['draft_calls'] == r['target_calls'] == len(r['rounds']), name
-      _replay(r['rounds'], r['completion_ids'] + [cfg.eos_id] * (r['finish_reason'] == 'eos'))
+      assert r['draft_calls'] == len(r['rounds']), name
+      if name != 'ngram tree':        # ngram may abstain (plain steps are not rounds)
+        assert r['draft_calls'] == r['target_calls'], name
+        _replay(r['rounds'], r['completion_ids'] + [cfg.eos_id] * (r['finish_reason'] == 'eos'))
       for step in r['rounds']:
         assert len(step['drafts']) == (3 if shape is None else step['accepted']), name
     accepted = sum(s['accepted'] for r in on for s in r['rounds'])
