@@ -53,7 +53,7 @@ from flax import struct
 from specdec_jax import sampling
 from specdec_jax.config import ModelConfig
 from specdec_jax.drafter_models import DrafterConfig, HeadsNet, MTPNet
-from specdec_jax.model import KVCache, Transformer
+from specdec_jax.model import KVCache, build
 
 
 @struct.dataclass
@@ -151,7 +151,7 @@ class DraftModelDrafter:
   draft_len: int
 
   def _apply(self, params, tokens, cache, compute_logits=True):
-    return Transformer(self.config).apply({'params': params}, tokens, cache,
+    return build(self.config).apply({'params': params}, tokens, cache,
                                           compute_logits=compute_logits)
 
   def init_state(self, params, batch, cache_size):
@@ -326,6 +326,11 @@ def make_drafter(kind: str, *, draft_len: int, target_config: ModelConfig,
                        f"from the target's ({target_config.vocab_size})")
     return DraftModelDrafter(drafter_config, draft_len)
   if kind in ('mtp', 'heads'):
+    if not isinstance(target_config, ModelConfig):
+      raise ValueError(f'our own {kind} drafters are built for Gemma 3 targets (they read its '
+                       'single-shape KV cache); for a Gemma 4 target use its official '
+                       'assistant (drafter=mtp, drafter_checkpoint=<gemma4_assistant folder>) '
+                       'or drafter=ngram / draft_model')
     if drafter_config.kind != kind:
       raise ValueError(f'the checkpoint holds a {drafter_config.kind!r} drafter, not {kind!r}')
     check_compatible(drafter_config, target_config)

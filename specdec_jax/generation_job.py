@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from specdec_jax import config as config_lib
-from specdec_jax import drafters, outputs, precision, runs
+from specdec_jax import drafters, outputs, parallel, precision, runs
 from specdec_jax import policy as policy_lib
 from specdec_jax import tree as tree_lib
 from specdec_jax.errors import UserError
@@ -307,8 +307,10 @@ def run(c) -> dict:
 
   done = runs.agree(open_output)
   t0 = time.perf_counter()
+  # parallel=mesh: each checkpoint tensor goes straight to its shards.
   target = load_target(c.model, gguf=c.gguf, param_dtype=c.param_dtype, dtype=c.dtype,
-                       seed=c.seed)
+                       seed=c.seed, sharding=parallel.load_sharding(
+                           c.parallel, c.num_devices, c.batch_size))
   cfg, tok = target.config, target.tokenizer
   load_seconds = time.perf_counter() - t0
 

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import PartitionSpec as P
 
 from specdec_jax.config import ModelConfig
 
@@ -39,15 +40,35 @@ class KVCache:
       # type, and KV-shared layers (the last ones) keep no cache.
       shapes = [(batch, K, size, H) for K, H in config.cache_heads]
       zeros = lambda: tuple(jnp.zeros(s, config.jnp_dtype) for s in shapes)
-      return cls(k=zeros(), v=zeros(), lengths=jnp.zeros((batch,), jnp.int32))
+      return cls(k=zeros(), v=zeros(), lengths=jnp.zeros((batch,), jnp.int32)).on_mesh()
     shape = (batch, config.num_kv_heads, size, config.head_dim)
     zeros = lambda: tuple(jnp.zeros(shape, config.jnp_dtype)
                           for _ in range(config.num_layers))
-    return cls(k=zeros(), v=zeros(), lengths=jnp.zeros((batch,), jnp.int32))
+    return cls(k=zeros(), v=zeros(), lengths=jnp.zeros((batch,), jnp.int32)).on_mesh()
 
   @property
   def size(self) -> int:
     return self.k[0].shape[2]
+
+  def on_mesh(self) -> 'KVCache':
+    """Traced under `jax.set_mesh` of a ('data', 'model') mesh (parallel.py's
+    mesh runner): every layer's keys / values constrained to `cache_spec`, so
+    the decode loop carries them split over rows and KV heads (XLA's own
+    propagation split some by head dim). Elsewhere the cache as it is."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or set(mesh.axis_names) != {'data', 'model'}:
+      return self
+    put = lambda a: jax.lax.with_sharding_constraint(a, cache_spec(a.shape[1], mesh.shape))
+    return self.replace(k=tuple(map(put, self.k)), v=tuple(map(put, self.v)),
+                        lengths=jax.lax.with_sharding_constraint(self.lengths, P('data')))
+
+
+def cache_spec(num_kv_heads: int, mesh_shape) -> P:
+  """How a cache leaf [B, K, S, H] lies on a ('data', 'model') mesh: rows
+  over 'data', KV heads over 'model' when they divide (each device attends
+  with its own heads; slot == position and the per-row lengths unchanged)."""
+  model = mesh_shape['model']
+  return P('data', 'model' if model > 1 and num_kv_heads % model == 0 else None)
 
 
 def row_sum(x):
@@ -450,7 +471,7 @@ class Transformer(nn.Module):
         new_v.append(new_kv[1])
     hidden = self.final_norm(x)
     if cache is not None:
-      cache = KVCache(k=tuple(new_k), v=tuple(new_v), lengths=cache.lengths + T)
+      cache = KVCache(k=tuple(new_k), v=tuple(new_v), lengths=cache.lengths + T).on_mesh()
     logits = self.logits(hidden) if compute_logits else None
     return logits, hidden, cache
 

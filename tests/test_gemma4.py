@@ -182,6 +182,70 @@ def test_generator_greedy_equals_hf(family):
   assert [o['completion_ids'] for o in out] == [c['greedy_ids'] for c in ref['cases']]
 
 
+
+def _greedy(cfg, params, prompts, new_tokens, drafter=None, dparams=None):
+  gen = generate.Generator(cfg, cache_size=48, greedy=True, drafter=drafter)
+  keys = jax.random.split(jax.random.key(0), len(prompts))
+  batch = generate.make_batch(prompts, batch_size=len(prompts), bucket_len=16,
+                              max_new_tokens=new_tokens, keys=keys)
+  return generate.completions(gen.generate(params, batch, dparams), cfg.stop_ids)
+
+
+def test_draft_model_drafters_on_a_gemma4_target():
+  """draft_model on a Gemma 4 target: the target drafting for itself (its
+  own Gemma 4 cache) and a tiny random Gemma 3 LM with the same vocabulary
+  (rejecting most drafts): greedy speculative == plain greedy."""
+  from specdec_jax import config as config_lib, drafters
+  from specdec_jax.model import init_params
+  cfg, params, _ = hf_gemma4.load(ROOT / 'e_style')
+  ref = json.loads((ROOT / 'e_style' / 'hf_outputs.json').read_text())
+  prompts = [c['prompt_ids'] for c in ref['cases']]
+  want = [c['greedy_ids'] for c in ref['cases']]
+  small = config_lib.tiny(vocab_size=cfg.vocab_size, num_layers=2)
+  for dcfg, dparams in [(cfg, params), (small, init_params(small, jax.random.key(3)))]:
+    d = drafters.make_drafter('draft_model', draft_len=3, target_config=cfg, drafter_config=dcfg)
+    out = _greedy(cfg, params, prompts, ref['new_tokens'], d, dparams)
+    assert [o['completion_ids'] for o in out] == want, dcfg
+
+
+def test_our_trained_drafters_refuse_a_gemma4_target(tmp_path):
+  """Our own mtp / heads drafters read a Gemma 3 cache: with a Gemma 4 target
+  the job ends with one line naming the assistant."""
+  from configs.generate import get_config
+  from specdec_jax import jobs
+  c = get_config()
+  c.model, c.output = str(ROOT / 'e_style'), str(tmp_path / 'o.jsonl')
+  c.drafter, c.drafter_checkpoint = 'mtp', str(
+      pathlib.Path(__file__).parents[1] / 'specdec_jax' / 'assets' / 'gemma3_270m_mtp')
+  c.prompts = str(tmp_path / 'p.jsonl')
+  (tmp_path / 'p.jsonl').write_text(json.dumps({'prompt_ids': [2, 5, 6]}) + '\n')
+  with pytest.raises(UserError, match='built for Gemma 3 targets.*assistant') as e:
+    jobs.run(c)
+  assert '\n' not in str(e.value)
+
+
+def test_generation_stops_on_any_listed_eos(tmp_path):
+  """config.json's eos_token_id as a list: every id ends a generation (plain
+  and speculative), and the first is eos_id. With [1, 124, 149] HF's greedy
+  continuations stop at their first 124 or 149."""
+  from specdec_jax import drafters
+  folder = _copy(tmp_path, 'e_style')
+  _edit(folder, eos_token_id=[1, 124, 149])
+  cfg, params, _ = hf_gemma4.load(folder)
+  assert (cfg.eos_id, cfg.stop_ids) == (1, (1, 124, 149))
+  ref = json.loads((ROOT / 'e_style' / 'hf_outputs.json').read_text())
+  prompts = [c['prompt_ids'] for c in ref['cases']]
+  want = []
+  for c in ref['cases']:
+    ids = c['greedy_ids']
+    end = min(ids.index(t) for t in (124, 149) if t in ids)
+    want.append(ids[:end])
+  assert [len(w) for w in want] == [2, 4, 6]
+  for drafter in (None, drafters.NgramDrafter(3, cfg.vocab_size)):
+    out = _greedy(cfg, params, prompts, ref['new_tokens'], drafter)
+    assert [o['completion_ids'] for o in out] == want
+    assert {o['finish_reason'] for o in out} == {'eos'}
+
 def test_moe_grouped_dispatch_equals_dense():
   """ragged_dot over expert-sorted assignments == every expert on every row,
   weighted by the router (zero for experts not chosen)."""
@@ -291,33 +355,85 @@ def test_wrong_model_type_and_missing_tensor(tmp_path):
 
 # ---------------------------------------------------------------- devices
 
+# Four cases: MoE + k_eq_v sampled (plain steps) and greedy (ngram: the
+# verify path), E-style (PLE + KV sharing) with its assistant drafter greedy
+# and sampled (the assistant's matrices sharded too; sampled drafts are
+# rejected and the residual drawn on the mesh).
 @pytest.mark.parametrize('name, temperature, drafter_kind', [
-    ('moe_k_eq_v', 1.0, 'none'), ('moe_k_eq_v', 0.0, 'ngram'), ('e_style', 0.0, 'ngram')])
+    ('moe_k_eq_v', 1.0, 'none'), ('moe_k_eq_v', 0.0, 'ngram'),
+    ('e_style', 0.0, 'assistant'), ('e_style', 1.0, 'assistant')])
 def test_mesh_equals_single_device(name, temperature, drafter_kind):
   """The ('data', 'model') mesh over 8 fake CPU devices (model-sharded
-  matrices, MoE included) gives the single-device tokens and round counts."""
+  matrices, MoE experts, PLE tables, the KV cache over its heads) gives the
+  single-device tokens and round counts."""
   from specdec_jax import drafters, parallel
+  from specdec_jax.assistant_drafter import AssistantDrafter
+  from specdec_jax.loaders import hf_gemma4_assistant
   assert jax.device_count() == 8, 'conftest sets 8 fake CPU devices'
   cfg, params, _ = hf_gemma4.load(ROOT / name)
   ref = json.loads((ROOT / name / 'hf_outputs.json').read_text())
   base = [c['prompt_ids'] for c in ref['cases']]
   prompts = [base[i % 3][:3 + i] for i in range(8)]
-  drafter = drafters.NgramDrafter(3, cfg.vocab_size) if drafter_kind == 'ngram' else None
+  drafter, dparams = None, None
+  if drafter_kind == 'ngram':
+    drafter = drafters.NgramDrafter(3, cfg.vocab_size)
+  elif drafter_kind == 'assistant':
+    acfg, dparams = hf_gemma4_assistant.load(ROOT / 'assistant_e_style', cfg)
+    drafter = AssistantDrafter(acfg, 3)
   gen = generate.Generator(cfg, cache_size=48, greedy=temperature == 0, drafter=drafter)
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(8))
-  batch = generate.make_batch(prompts, batch_size=8, bucket_len=16, max_new_tokens=12,
+  batch = generate.make_batch(prompts, batch_size=8, bucket_len=16, max_new_tokens=10,
                               keys=keys, temperature=temperature)
-  want = generate.completions(gen.generate(params, batch), cfg.eos_id)
-  if drafter_kind == 'ngram':   # the verify path ran: some drafts were accepted
+  want = generate.completions(gen.generate(params, batch, dparams), cfg.eos_id)
+  if drafter is not None:   # the verify path ran: some drafts were accepted
     assert sum(w['new_tokens'] for w in want) > sum(w['target_calls'] for w in want)
-  # batch 2 per call: data=2, model=4 (the weights split over 'model').
-  runner = parallel.make_runner(gen, params, None, mode='mesh', num_devices=8, batch_size=2)
-  subs = [jax.tree.map(lambda x: x[s:s + 2], batch) for s in range(0, 8, 2)]
+  # batch 4 per call: data=4, model=2: the weights split over 'model', and
+  # the 2 KV heads of every cached layer one per device.
+  runner = parallel.make_runner(gen, params, dparams, mode='mesh', num_devices=8, batch_size=4)
+  subs = [jax.tree.map(lambda x: x[s:s + 4], batch) for s in range(0, 8, 4)]
   run = runner.compile(subs[0])   # one program for every batch of this shape
-  got = [c for sub in subs for c in generate.completions(run(sub), cfg.eos_id)]
-  assert runner.mode == 'mesh(data=2,model=4)'
+  states = [run(sub) for sub in subs]
+  got = [c for st in states for c in generate.completions(st, cfg.eos_id)]
+  assert runner.mode == 'mesh(data=4,model=2)'
   for key in ('completion_ids', 'target_calls', 'accepted_by_position'):
     assert [g[key] for g in got] == [w[key] for w in want], key
+  # The decode loop carries the cache split over rows and 'model': over the
+  # KV heads (KVCache.on_mesh) for E-style; for MoE + k_eq_v XLA's propagation
+  # keeps the loop's carry split over the head dim instead (same bytes).
+  for k in states[0].cache.k:
+    spec = tuple(k.sharding.spec)
+    assert spec[0] == 'data' and 'model' in spec, k.sharding
+    if name == 'e_style':
+      assert spec[:2] == ('data', 'model'), k.sharding
+
+
+def test_param_sharding_of_gemma4_names():
+  """Gemma 4's own matrices split over 'model' where an axis divides: PLE
+  table by columns, experts by expert (E = 4 on 'model' = 2) or else by
+  their hidden width (on 'model' = 8), the assistant's projections."""
+  from jax.sharding import Mesh, PartitionSpec as P
+  from specdec_jax import parallel
+  from specdec_jax.loaders import hf_gemma4_assistant
+  spec = lambda tree, model: jax.tree.map(
+      lambda s: s.spec, parallel.param_sharding(tree, Mesh(
+          np.array(jax.devices()[:8]).reshape(8 // model, model), ('data', 'model'))))
+  cfg, e_params, _ = hf_gemma4.load(ROOT / 'e_style')
+  s = spec(e_params, 2)
+  assert s['embedding_per_layer'] == P(None, 'model')
+  assert s['per_layer_projection'] == P('model', None)
+  assert s['layer_0']['ple_gate'] == P('model', None)
+  assert s['layer_0']['ple_proj'] == P(None, 'model')
+  _, aparams = hf_gemma4_assistant.load(ROOT / 'assistant_e_style', cfg)
+  a = spec(aparams, 2)
+  assert a['pre_projection'] == a['post_projection'] == a['embedding'] == P('model', None)
+  _, moe_params, _ = hf_gemma4.load(ROOT / 'moe_k_eq_v')
+  m2, m8 = spec(moe_params, 2), spec(moe_params, 8)
+  assert m2['layer_0']['moe']['experts_gate_up'] == P('model', None, None)
+  assert m2['layer_0']['moe']['experts_down'] == P('model', None, None)
+  F2 = moe_params['layer_0']['moe']['experts_gate_up'].shape[1]
+  assert m8['layer_0']['moe']['experts_gate_up'] == (
+      P(None, 'model', None) if F2 % 8 == 0 else P())
+  assert m2['layer_0']['moe']['router'] == P()
 
 
 def test_sharded_load_on_a_mesh():
@@ -337,13 +453,22 @@ def test_sharded_load_on_a_mesh():
 
 
 @pytest.mark.parametrize('drafter', ['none', 'ngram'])
-def test_generation_job_on_a_gemma4_folder(tmp_path, drafter):
+def test_generation_job_on_a_gemma4_folder(tmp_path, drafter, monkeypatch, capsys):
   """`model=<Gemma 4 folder>` in the generation job, prompt_ids prompts: HF's
-  greedy tokens, plain and speculative. (The folder gets a word-level
+  greedy tokens, plain and speculative (the speculative run on the mesh,
+  its weights loaded straight onto it). (The folder gets a word-level
   tokenizer.json for the completion text: the job needs one to write it.)"""
+  from jax.sharding import PartitionSpec as P
   from tokenizers import Tokenizer, models
   from configs.generate import get_config
-  from specdec_jax import jobs
+  from specdec_jax import generation_job, jobs
+  loaded = []
+
+  def spy(*a, **kw):
+    loaded.append(generation_job_load(*a, **kw))
+    return loaded[-1]
+  generation_job_load = generation_job.load_target
+  monkeypatch.setattr(generation_job, 'load_target', spy)
   ref = json.loads((ROOT / 'e_style' / 'hf_outputs.json').read_text())
   folder = _copy(tmp_path, 'e_style')
   Tokenizer(models.WordLevel({f't{i}': i for i in range(160)}, unk_token='t3')).save(
@@ -352,6 +477,8 @@ def test_generation_job_on_a_gemma4_folder(tmp_path, drafter):
   c.model, c.output, c.param_dtype = str(folder), str(tmp_path / 'o.jsonl'), 'float32'
   c.prompts = str(tmp_path / 'p.jsonl')
   c.drafter, c.max_new_tokens, c.batch_size = drafter, ref['new_tokens'], 4
+  if drafter == 'ngram':           # data=4, model=2
+    c.parallel, c.num_devices = 'mesh', 8
   (tmp_path / 'p.jsonl').write_text(''.join(
       json.dumps({'prompt_ids': case['prompt_ids']}) + '\n' for case in ref['cases']))
   summary = jobs.run(c)
@@ -359,3 +486,8 @@ def test_generation_job_on_a_gemma4_folder(tmp_path, drafter):
                  key=lambda l: l['index'])
   assert [l['completion_ids'] for l in lines] == [case['greedy_ids'] for case in ref['cases']]
   assert summary['new_tokens'] == 3 * ref['new_tokens']
+  assert 'memory per device (' in capsys.readouterr().err
+  if drafter == 'ngram':
+    assert summary['parallel'] == 'mesh(data=4,model=2)'
+    assert loaded[0].params['embedding'].sharding.spec == P('model', None)
+    assert len(loaded[0].params['embedding'].sharding.device_set) == 8

@@ -99,3 +99,55 @@ def test_bad_device_requests(tiny):
     parallel.make_runner(gen, params, None, mode='pmap', num_devices=16, batch_size=16)
   with pytest.raises(UserError, match='not divisible'):
     parallel.make_runner(gen, params, None, mode='pmap', num_devices=8, batch_size=6)
+
+
+def test_memory_per_device(tiny, capsys):
+  """Params and KV-cache bytes per device, from shapes: one device holds all;
+  the mesh splits the matrices over 'model' and the cache over rows ('data')
+  and KV heads ('model', when they divide); one line printed."""
+  cfg, params = tiny
+  gen = generate.Generator(cfg, cache_size=64)
+  devs = jax.devices()
+  # [B, K, S, H] float32, keys and values, every layer.
+  cache = 2 * cfg.num_layers * 8 * cfg.num_kv_heads * 64 * cfg.head_dim * 4
+  whole = parallel.memory_per_device(gen, params, None, 'none', devs[:1], 8)
+  assert whole['cache'] == cache
+  assert whole['params'] == sum(x.nbytes for x in jax.tree.leaves(params))
+  assert parallel.memory_per_device(gen, params, None, 'pmap', devs, 8) == dict(
+      whole, cache=cache // 8)
+  # batch 4: data=4, model=2 (K = 2 heads split); batch 2: data=2, model=4
+  # (K = 2 does not divide: heads whole).
+  mesh4 = parallel.memory_per_device(gen, params, None, 'mesh', devs, 4)
+  assert mesh4['cache'] == cache // 2 // 8
+  mesh2 = parallel.memory_per_device(gen, params, None, 'mesh', devs, 2)
+  assert mesh2['cache'] == cache // 4 // 2
+  assert mesh2['params'] < mesh4['params'] < whole['params']
+  parallel.check_memory(gen, params, None, 'mesh', devs, 4)
+  line = capsys.readouterr().err.strip()
+  assert line.startswith('memory per device (mesh, 8 device(s)): params ') and '\n' not in line
+  assert 'host memory available, shared by 8 device(s)' in line
+
+
+def test_a_run_that_cannot_fit_fails_before_compiling(tiny, monkeypatch):
+  """A device limit below params + cache (SPECDEC_MEMORY_LIMIT_BYTES fakes a
+  small device) -> one UserError line from make_runner, nothing compiled."""
+  cfg, params = tiny
+  gen = generate.Generator(cfg, cache_size=64)
+  need = parallel.memory_per_device(gen, params, None, 'none', jax.devices()[:1], 8)
+  monkeypatch.setenv(parallel.MEMORY_LIMIT_ENV, str(need['params'] + need['cache'] - 1))
+  with pytest.raises(UserError, match=r'needs .* per device \(params .* \+ KV cache') as e:
+    parallel.make_runner(gen, params, None, mode='none', num_devices=1, batch_size=8)
+  assert '\n' not in str(e.value)
+  # The mesh's share fits the same limit.
+  runner = parallel.make_runner(gen, params, None, mode='mesh', num_devices=8, batch_size=4)
+  assert runner.mode == 'mesh(data=4,model=2)'
+
+
+def test_load_sharding_only_for_the_mesh():
+  assert parallel.load_sharding('none', 0, 8) is None
+  assert parallel.load_sharding('pmap', 0, 8) is None
+  fn = parallel.load_sharding('mesh', 8, 2)          # data=2, model=4
+  leaf = jax.ShapeDtypeStruct((64, 32), jnp.float32)
+  assert fn('layer_0/attn/qkv', leaf).spec == jax.sharding.PartitionSpec('model', None)
+  assert fn('final_norm/scale', jax.ShapeDtypeStruct((32,), jnp.float32)).spec == (
+      jax.sharding.PartitionSpec())

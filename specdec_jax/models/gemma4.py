@@ -346,7 +346,7 @@ class Gemma4(nn.Module):
     hidden = self.final_norm(x)
     if cached:
       cache = cache.replace(k=tuple(k for k, _ in kvs), v=tuple(v for _, v in kvs),
-                            lengths=cache.lengths + T)
+                            lengths=cache.lengths + T).on_mesh()
     logits = self.logits(hidden) if compute_logits else None
     return logits, hidden, cache
 
