@@ -126,9 +126,12 @@ class TreeShape:
 
 
 # The `tree` key of the job, the api and the sweep: '' = a chain, 'auto' =
-# the shape below for the drafter kind (experiments/bench_tree.py measured
-# them; docs/TREE.md), or the branching per depth: '4,2,1' or '4x2x1'.
-AUTO = {'mtp': (2, 2, 1), 'heads': (3, 2, 1), 'ngram': (3, 1, 1, 1)}
+# the shape below for the drafter kind, or the branching per depth: '4,2,1'
+# or '4x2x1'. AUTO is the tree with the best mean speedup over AR in
+# experiments/bench_tree.py's two short runs on this CPU (docs/TREE.md: mtp
+# 2x1, ngram 3x1x1; on a CPU a verify pass over many rows costs too much for
+# larger trees to pay); heads was not measured and takes mtp's shape.
+AUTO = {'mtp': (2, 1), 'heads': (2, 1), 'ngram': (3, 1, 1)}
 CHAIN = ('', 'none', 'chain')
 
 
