@@ -44,7 +44,8 @@ import jax
 import jax.numpy as jnp
 
 from specdec_jax.config import ConfigMixin
-from specdec_jax.model import RMSNorm, attend, linear, lm_head, rms_norm, visible_slots
+from specdec_jax.model import (RMSNorm, attend, linear, lm_head, opaque_zero, rms_norm, settled,
+                               visible_slots)
 from specdec_jax.models.moe import MoE
 
 
@@ -257,22 +258,25 @@ class Block(nn.Module):
     norm = lambda name: RMSNorm(cfg.norm_eps, name=name)
     h, kv = Attention(cfg, self.layer, self.cross, name='attn')(
         norm('pre_attn_norm')(x), positions, cache_kv, shared_kv, cached)
-    x = x + norm('post_attn_norm')(h)
+    # Every add of the residual stream reads `settled` operands, so a row
+    # rounds alike in a plain step and a verify pass (model.settled).
+    zero = opaque_zero(positions)
+    x = settled(x, zero) + settled(norm('post_attn_norm')(h), zero)
     h = MLP(cfg, cfg.mlp_dim(self.layer), name='mlp')(norm('pre_ffw_norm')(x))
     if cfg.num_experts:
       # The experts read the same residual as the dense MLP (router included);
       # each branch has its own post-norm before they add.
       moe = MoE(cfg.embed_dim, cfg.num_experts, cfg.top_k_experts, cfg.moe_hidden_dim,
                 cfg.norm_eps, cfg.jnp_param_dtype, name='moe')
-      h = norm('post_ffw_norm_1')(h) + norm('post_ffw_norm_2')(
-          moe(x, norm('pre_ffw_norm_2')(x)))
-    x = x + norm('post_ffw_norm')(h)
+      h = settled(norm('post_ffw_norm_1')(h), zero) + settled(norm('post_ffw_norm_2')(
+          moe(x, norm('pre_ffw_norm_2')(x))), zero)
+    x = x + settled(norm('post_ffw_norm')(h), zero)
     if cfg.ple_dim:
       pd = cfg.jnp_param_dtype
       w_gate = self.param('ple_gate', _dense_init(cfg.embed_dim), (cfg.ple_dim, cfg.embed_dim), pd)
       w_proj = self.param('ple_proj', _dense_init(cfg.ple_dim), (cfg.embed_dim, cfg.ple_dim), pd)
       g = jax.nn.gelu(linear(x, w_gate), approximate=True) * ple              # [B, T, P]
-      x = x + norm('post_ple_norm')(linear(g, w_proj))
+      x = x + settled(norm('post_ple_norm')(linear(g, w_proj)), zero)
     scalar = self.param('layer_scalar', nn.initializers.ones, (1,), jnp.float32)
     return x * scalar.astype(x.dtype), kv
 
