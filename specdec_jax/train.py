@@ -513,6 +513,7 @@ def run(c) -> dict:
   meta = dict(drafter=dcfg.to_dict(), loss=c.loss, depth=c.depth, steps=c.steps,
               batch_size=c.batch_size, learning_rate=c.learning_rate, seed=c.seed,
               features=feat_name)
+  meta = json.loads(json.dumps(meta))   # as read back: tuples (eos_ids) become lists
   meta_path = workdir / 'run.json'
   if meta_path.is_file():
     old = json.loads(meta_path.read_text())
