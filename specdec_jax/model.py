@@ -81,7 +81,8 @@ def row_sum(x):
   same token among k + 1 (a verify pass) differed in the last bit; with bf16
   weights such a bit flips the bf16 rounding of some activation and moves
   logits by ~0.05, enough to flip near-ties, and greedy speculative decoding
-  then left plain greedy decoding (`python -m experiments.bench_identity`).
+  then left plain greedy decoding (tests/test_gemma_speculative.py,
+  test_gemma_bf16_greedy_speculative_equals_autoregressive).
   Elementwise adds have exactly one order, so each row's sum is the same
   whatever the other rows are.
   """
@@ -229,13 +230,11 @@ def visible_slots(keys, values, q_pos, window: Optional[int]):
   [B, K, S', H] and key positions [B, S'].
 
   The cut is window + SPAN_PAD slots for any T <= SPAN_PAD + 1, not
-  window + T - 1: the softmax sum and the probabilities-times-values product
-  round by their length, so a plain step (T = 1) and a verify pass (T = k + 1)
-  must reduce over the same slots for a query's output to be bitwise the
-  same. With bf16 weights an ulp of difference there flips the bf16 rounding
-  of some activation and moves logits by ~0.01, enough to flip near-ties:
-  greedy speculative decoding then differed from plain decoding on 2 of 3
-  prose prompts (README, "bf16 near-ties").
+  window + T - 1, so a plain step (T = 1) and a verify pass (T = k + 1)
+  attend over the same slots and a query's output is bitwise the same in
+  both (with window + T - 1, Gemma 3 270M at cache 2048, bf16 weights: the
+  logits of one token alone and among 2..9 differed by up to 0.09, enough
+  to flip near-ties; README, "bf16 and greedy identity").
   """
   B, S, T = keys.shape[0], keys.shape[2], q_pos.shape[1]
   span = window + SPAN_PAD * max(1, -(-(T - 1) // SPAN_PAD)) if window else S
@@ -282,8 +281,11 @@ def attend(q, keys, values, q_pos, key_pos, window: Optional[int], strict: bool 
   probs = row_softmax(scores)
   if strict:   # a query at position 0 sees nothing: zero its uniform weights
     probs = probs * jnp.any(mask, -1)[:, None, :, None]
-  out = jax.lax.dot_general(probs.astype(values.dtype), values,
-                            (((3,), (2,)), ((0, 1), (0, 1))))               # [B, K, TG, H]
+  # values as the left operand: XLA:CPU's product then rounds a query row the
+  # same at any row count (probs on the left differed at 36 rows from 4-20)
+  out = jax.lax.dot_general(values, probs.astype(values.dtype),
+                            (((2,), (3,)), ((0, 1), (0, 1))))               # [B, K, H, TG]
+  out = out.transpose(0, 1, 3, 2)                                           # [B, K, TG, H]
   out = out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4)                 # [B, T, K, G, H]
   return out.reshape(B, T, N * H).astype(q.dtype)
 

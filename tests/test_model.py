@@ -100,6 +100,21 @@ def test_a_query_rounds_alike_among_any_number_of_rows():
       first_att, first_norm = att, nrm
     np.testing.assert_array_equal(att, first_att, err_msg=f'T={T}')
     np.testing.assert_array_equal(nrm, first_norm, err_msg=f'T={T}')
+  # a local layer's window cut out of a longer cache (model.SPAN_PAD)
+  from specdec_jax.model import visible_slots
+  S2 = 2048
+  keys2 = jnp.asarray(rng.standard_normal((1, 1, S2, H)), jnp.float32)
+  vals2 = jnp.asarray(rng.standard_normal((1, 1, S2, H)), jnp.float32)
+
+  def local(q, qp):
+    k, v, kpos = visible_slots(keys2, vals2, qp, 512)
+    return attend(q, k, v, qp, kpos, 512)
+  g = jax.jit(local)
+  first = None
+  for T in [1, 2, 5, 9]:
+    out = np.asarray(g(q[:, :T], (700 + jnp.arange(T, dtype=jnp.int32))[None]))[0, 0]
+    first = out if first is None else first
+    np.testing.assert_array_equal(out, first, err_msg=f'window cut, T={T}')
   # and they are the sums, maxima and softmax they stand for
   y = jnp.asarray(rng.standard_normal((3, 7, 300)), jnp.float32)
   np.testing.assert_allclose(row_sum(y), y.sum(-1, keepdims=True), rtol=1e-5, atol=1e-5)
