@@ -6,6 +6,7 @@ torch. Tolerance: HF's top-8 logits at every position (prompt + 24 greedy
 tokens) within 2e-3 absolute (measured max difference: ~6e-5; logits are
 O(10-30)), the same argmax everywhere, and the same greedy continuation.
 """
+import functools
 import json
 import pathlib
 
@@ -19,6 +20,21 @@ from specdec_jax.model import Transformer
 
 FIXTURE = json.loads((pathlib.Path(__file__).parent / 'fixtures' / 'hf_gemma3_270m.json').read_text())
 pytestmark = pytest.mark.slow
+
+
+@functools.lru_cache(maxsize=None)
+def _forward(config):
+  """The full forward's logits, jitted once per model config for this module."""
+  return jax.jit(lambda p, x: Transformer(config).apply({'params': p}, x)[0])
+
+
+def logits_of(model, params, seq, pad=64):
+  """[len(seq), V] logits of one sequence, padded at the end to `pad` tokens:
+  the fixture's sequences (30..53 tokens) then share one compiled forward per
+  model instead of one per length (~2.7 s each on 2 CPU cores); the model is
+  causal, so the padding does not reach the real positions."""
+  ids = list(seq) + [0] * (pad - len(seq))
+  return np.asarray(_forward(model.config)(params, jnp.array([ids])))[0, :len(seq)]
 
 
 def test_fixture_config_matches_ours(gemma):
@@ -44,11 +60,9 @@ def test_tokenizer_matches_hf(gemma):
 
 
 def test_logits_match_hf(gemma):
-  fwd = jax.jit(lambda p, x: Transformer(gemma.config).apply({'params': p}, x)[0])
   worst = 0.0
   for case in FIXTURE['cases']:
-    ids = case['prompt_ids'] + case['greedy_ids']
-    logits = np.asarray(fwd(gemma.params, jnp.array([ids])))[0]
+    logits = logits_of(gemma, gemma.params, case['prompt_ids'] + case['greedy_ids'])
     top_ids = np.array(case['top_ids'])
     ours = np.take_along_axis(logits, top_ids, axis=-1)
     worst = max(worst, float(np.abs(ours - np.array(case['top_logits'])).max()))
@@ -82,8 +96,6 @@ def test_bf16_weights_agree_with_float32(gemma):
   bf16 = load_target('gemma3_270m', param_dtype='bfloat16')
   assert bf16.params['embedding'].dtype == jnp.bfloat16
   assert bf16.params['final_norm']['scale'].dtype == jnp.float32
-  fwd = lambda t: jax.jit(lambda p, x: Transformer(t.config).apply({'params': p}, x)[0])
-  f32_fwd, bf16_fwd = fwd(gemma), fwd(bf16)
   same = total = 0
   worst = 0.0
   # The fixture's 245 positions alone allow only 2 disagreements at 99%, and
@@ -96,15 +108,10 @@ def test_bf16_weights_agree_with_float32(gemma):
     flat = [t for p in sweep.load_prompts(sweep.PROMPT_DIR, domain, gemma.tokenizer, 40, 0)
             for t in p]
     seqs += [flat[i:i + 256] for i in range(0, min(len(flat), 1024) - 255, 256)]
-  # The fixture's sequences (30..53 tokens) are padded to 64 at the end: one
-  # compiled forward per model instead of one per length (~2.7 s each here);
-  # the model is causal, so the padding does not reach the real positions.
-  pad = 64
-  assert all(len(s) <= pad for s in seqs[:len(FIXTURE['cases'])])
-  for i, seq in enumerate(seqs):
-    ids = jnp.array([seq + [0] * (pad - len(seq)) if len(seq) < pad else seq])
-    a = np.asarray(f32_fwd(gemma.params, ids))[0, :len(seq)]
-    b = np.asarray(bf16_fwd(bf16.params, ids))[0, :len(seq)]
+  for i, seq in enumerate(seqs):        # fixture: padded to 64; held-out: 256 tokens as they are
+    pad = 64 if i < len(FIXTURE['cases']) else len(seq)
+    a = logits_of(gemma, gemma.params, seq, pad)
+    b = logits_of(bf16, bf16.params, seq, pad)
     same += int((a.argmax(-1) == b.argmax(-1)).sum())
     total += a.shape[0]
     if i < len(FIXTURE['cases']):   # held-out text reaches |diff| ~4.4 at a few peaks
