@@ -1,45 +1,15 @@
 """Greedy speculative == greedy autoregressive on the real Gemma 3 270M."""
-import dataclasses
 import json
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 from specdec_jax import drafters, generate
+from test_speculative import ShiftedDrafter, shifted
 
 pytestmark = pytest.mark.slow
 FIXTURE = json.loads((pathlib.Path(__file__).parent / 'fixtures' / 'hf_gemma3_270m.json').read_text())
-
-
-@dataclasses.dataclass(frozen=True)
-class ShiftedDrafter:
-  """DraftModelDrafter's drafts, each token + params['shift'] (mod vocab):
-  shift 0 is the draft model's own drafts, untouched; with the target as its
-  own draft model shift 0 is accepted in full and shift 1 is always wrong at
-  greedy (test_speculative's WrongDrafter). The shift is an operand, not a
-  constant, so both cases run one compiled program: the fused loop with the
-  270M drafting inside it took ~32 s to compile per drafter on 2 CPU cores."""
-  base: drafters.DraftModelDrafter
-
-  @property
-  def draft_len(self):
-    return self.base.draft_len
-
-  def init_state(self, params, batch, cache_size):
-    return self.base.init_state(params['model'], batch, cache_size)
-
-  def commit(self, state, lengths):
-    return self.base.commit(state, lengths)
-
-  def draft(self, params, state, tokens, lengths, keys, batch, greedy, target=None):
-    return self.draft_scored(params, state, tokens, lengths, keys, batch, greedy, target)[:3]
-
-  def draft_scored(self, params, state, tokens, lengths, keys, batch, greedy, target=None):
-    d, *rest = self.base.draft_scored(params['model'], state, tokens, lengths, keys, batch, greedy,
-                                      target)
-    return ((d + params['shift']) % self.base.config.vocab_size, *rest)
 
 
 def test_gemma_greedy_speculative_equals_autoregressive(gemma):
@@ -61,8 +31,8 @@ def test_gemma_greedy_speculative_equals_autoregressive(gemma):
   assert [r['completion_ids'] for r in ar] == [c['greedy_ids'][:n] for c in cases]   # == HF too
   itself = ShiftedDrafter(drafters.DraftModelDrafter(cfg, k))
   for name, d, dp in [('ngram', drafters.NgramDrafter(k, cfg.vocab_size), None),
-                      ('target_itself', itself, {'model': params, 'shift': jnp.int32(0)}),
-                      ('always_wrong', itself, {'model': params, 'shift': jnp.int32(1)})]:
+                      ('target_itself', itself, shifted(params)),    # one compiled program
+                      ('always_wrong', itself, shifted(params, 1))]:  # for both (~32 s each)
     sp = run(d, dp)
     assert [r['completion_ids'] for r in sp] == [r['completion_ids'] for r in ar], name
     calls = [r['target_calls'] for r in sp]
