@@ -63,6 +63,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.shard_rows = 64             # rows per shard (a multiple of batch_size)
   c.max_prompts = 20_000        # stop after this many prompts (~3.8M generated tokens, ~17 GB)
   c.stop_after_shards = 0       # > 0: stop after writing this many shards (tests)
+  c.max_seconds = 0.0           # > 0: stop after the shard that ends past this many seconds
   c.folder = 'outputs/distill/gemma3_270m'
   if arg == 'tiny':
     c.model = 'tiny'

@@ -402,6 +402,8 @@ def validate(c) -> None:
     raise UserError(f'temperature (of the sampled rows) must be > 0, got {c.temperature}')
   if c.topk < 0 or c.stop_after_shards < 0:
     raise UserError('topk and stop_after_shards must be >= 0')
+  if not c.get('max_seconds', 0) >= 0:
+    raise UserError(f'max_seconds must be >= 0 (0: no limit), got {c.max_seconds}')
   if not c.folder:
     raise UserError('folder must name the shard folder')
   parse_data(c.data)
@@ -486,6 +488,7 @@ def run(c) -> dict:
   gen = Generator(target.config, cache_size=identity['cache_size'])   # its prefill and target call
   # tokens/s counts batches after the first of this run (it includes compilation).
   run_tokens, t_run, written, total = 0, None, 0, done_tokens
+  stopped = 'max_prompts'
   while next_prompt < c.max_prompts:
     n_rows = min(c.shard_rows, c.max_prompts - next_prompt)
     parts = []
@@ -523,8 +526,14 @@ def run(c) -> dict:
         f'({e["bytes"] / 1e6:.1f} MB)', kind='shard', shard=e['file'], prompts=next_prompt,
         tokens=done_tokens)
     if c.stop_after_shards and written >= c.stop_after_shards:
+      stopped = 'stop_after_shards'
+      break
+    if c.get('max_seconds', 0) and time.time() - t0 >= c.max_seconds:
+      log(f'stopping after {time.time() - t0:.0f} s (max_seconds={c.max_seconds}); '
+          'rerun the same command to continue')
+      stopped = 'max_seconds'
       break
   secs = time.time() - (t_run or time.time())
   return dict(folder=str(folder), shards=len(manifest['shards']), prompts=next_prompt,
-              new_tokens=done_tokens, tokens_this_run=run_tokens,
+              new_tokens=done_tokens, tokens_this_run=run_tokens, stopped=stopped,
               tok_s=round(run_tokens / max(secs, 1e-9), 2), seconds=round(time.time() - t0, 1))

@@ -82,6 +82,20 @@ def test_resume_after_stop_equals_uninterrupted(full, tmp_path):
   assert len(shards.load_manifest(b)['shards']) == 3
 
 
+def test_time_limit_stops_at_a_shard_boundary_and_resumes(full, tmp_path):
+  """max_seconds ends the run after the shard that crossed it (a time-boxed
+  job on a borrowed machine); the same command continues, same rows."""
+  a = tmp_path / 'a'
+  r = jobs.run(config(a, max_seconds=1e-6))
+  assert (r['stopped'], r['shards'], r['prompts']) == ('max_seconds', 1, 16)
+  r = jobs.run(config(a))
+  assert (r['stopped'], r['shards'], r['prompts']) == ('max_prompts', 3, 48)
+  _, want = all_rows(full, ['prompt_index', 'tokens'])
+  _, got = all_rows(a, ['prompt_index', 'tokens'])
+  np.testing.assert_array_equal(got['prompt_index'], want['prompt_index'])
+  np.testing.assert_array_equal(got['tokens'], want['tokens'])
+
+
 def test_recorded_features_equal_teacher_forced(tmp_path):
   target = load_target('tiny', param_dtype='float32')
   cfg = target.config
@@ -183,6 +197,7 @@ def test_evaluation_prompts_stay_out():
     ('other_settings', 'max_new_tokens='),
     ('truncated', 'truncated'),
     ('not_a_manifest', 'not a shard manifest'),
+    ('negative_seconds', 'max_seconds must be >= 0'),
 ])
 def test_bad_input_is_one_line(full, tmp_path, case, match):
   folder = tmp_path / 'f'
@@ -205,6 +220,8 @@ def test_bad_input_is_one_line(full, tmp_path, case, match):
     p.write_bytes(p.read_bytes()[:1000])
   elif case == 'not_a_manifest':
     (folder / 'manifest.json').write_text('{"shards": [')
+  elif case == 'negative_seconds':
+    kw['max_seconds'] = -1.0
   with pytest.raises(UserError, match=match) as e:
     jobs.run(config(folder, max_prompts=64, **kw))
   assert '\n' not in str(e.value)
