@@ -62,6 +62,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.workdir = 'outputs/train_mtp'
   c.output = 'outputs/train_mtp/drafter'
   c.export_dtype = 'float16'    # storage dtype of the exported weights
+  c.export = 'best'             # best: the held-out evaluation with most expected accepted drafts; last
   if arg == 'tiny':
     c.model = 'tiny'
     c.data = ('{stdlib}/json/*.py', '{stdlib}/email/*.py')

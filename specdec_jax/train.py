@@ -33,9 +33,11 @@ target state h_t (which predicted token t+1) and the embedding of token t+1
 (the pending token), attends to target keys at positions <= t, sits at query
 position t+1, and its step j predicts the target's token at t+2+j.
 """
+import concurrent.futures
 import dataclasses
 import glob
 import hashlib
+import io
 import json
 import math
 import os
@@ -417,6 +419,9 @@ def validate(c) -> None:
   if c.warmup_steps < 0 or c.stop_at_step < 0:
     raise UserError('warmup_steps and stop_at_step must be >= 0 '
                     f'(got {c.warmup_steps} and {c.stop_at_step})')
+  if c.get('export', 'last') not in ('best', 'last'):
+    raise UserError(f"export must be 'best' (the held-out evaluation with the most expected "
+                    f"accepted drafts) or 'last', got {c.export!r}")
   if c.export_dtype not in ('float32', 'float16', 'bfloat16'):
     raise UserError(f'export_dtype must be float32, float16 or bfloat16, got {c.export_dtype!r}')
   if c.gguf and not os.path.isfile(c.gguf):
@@ -551,19 +556,31 @@ def run(c) -> dict:
   log(f'training {dcfg.kind} drafter ({n_params / 1e6:.2f}M params, {c.loss} loss, depth {c.depth})'
       f' for {c.steps} steps of {c.batch_size} x {T} tokens')
 
+  best = BestParams(workdir)
+
   def log_heldout(step):
     held = evaluate(eval_fn, state['params'], held_f, c.batch_size, c.eval_rows)
     accs = ' '.join(f'{held[f"acc_{j + 1}"]:.3f}' for j in range(c.depth))
     chain = sum(held[f'chain_{j + 1}'] for j in range(c.depth))
     log(f'  held-out step {step}: loss {held["loss"]:.3f}, accuracy by position {accs}, '
         f'expected accepted drafts/round {chain:.2f}', kind='heldout', step=step, **held)
+    if step and c.get('export', 'last') == 'best':
+      best.offer(step, chain, held, state['params'])
     return held
 
   if start == 0:
     log_heldout(0)
   t_loop, t_first, held = time.time(), None, {}
+  # The next batch is gathered (memory-mapped shard rows, a copy of ~1 MB per
+  # row) on a thread while the device runs this step.
+  fetch = lambda s: train_f.rows(batch_rows(s, len(train_f), c.batch_size, c.seed))
+  pool = concurrent.futures.ThreadPoolExecutor(1)
+  nxt = pool.submit(fetch, start) if start < c.steps else None
   for step in range(start, c.steps):
-    state, m = train_step(state, train_f.rows(batch_rows(step, len(train_f), c.batch_size, c.seed)))
+    batch = nxt.result()
+    if step + 1 < c.steps:
+      nxt = pool.submit(fetch, step + 1)
+    state, m = train_step(state, batch)
     done = step + 1
     if t_first is None:                  # the first step includes compilation
       jax.block_until_ready(m)
@@ -582,15 +599,23 @@ def run(c) -> dict:
     if c.stop_at_step and done >= c.stop_at_step and done < c.steps:
       log(f'stopping at step {done} (stop_at_step); rerun the same command to resume')
       mgr.close()
+      pool.shutdown(cancel_futures=True)
       return dict(stopped_at=done, workdir=str(workdir))
   mgr.close()
+  pool.shutdown()
   if start >= c.steps:
     log(f'the run in {workdir} already finished ({start} steps); exporting it')
     held = log_heldout(start)
 
   train_seconds = time.time() - t_loop
-  params = jax.device_get({'net': state['params'], 'vocab': vocab})
-  summary = dict(kind=dcfg.kind, steps=c.steps, params_millions=round(n_params / 1e6, 3),
+  net, exported_step = state['params'], c.steps
+  if c.get('export', 'last') == 'best' and best.step is not None:
+    net, exported_step, held = best.load(state['params']), best.step, best.held
+    log(f'exporting the step-{best.step} parameters (held-out expected accepted drafts '
+        f'{best.score:.2f}: the best evaluation)')
+  params = jax.device_get({'net': net, 'vocab': vocab})
+  summary = dict(kind=dcfg.kind, steps=c.steps, exported_step=exported_step,
+                 params_millions=round(n_params / 1e6, 3),
                  loss=c.loss, depth=c.depth, vocab_coverage=round(coverage, 4),
                  train_windows=len(train_f), heldout_windows=len(held_f), seq_len=T,
                  heldout={k: round(v, 4) for k, v in held.items()},
@@ -605,6 +630,37 @@ def run(c) -> dict:
         training=summary, dtype=c.export_dtype, notice=notice, extra_files=extra))
     log(f'drafter written to {out}')
   return dict(summary, output=out, workdir=str(workdir))
+
+
+class BestParams:
+  """The drafter parameters of the best held-out evaluation so far (most
+  expected accepted drafts per round), kept in the workdir (best.npz +
+  best.json) so a resumed run still knows them: a drafter trained past its
+  best epoch exports the best one (`export = 'best'`)."""
+
+  def __init__(self, workdir: pathlib.Path):
+    self.npz, self.meta = workdir / 'best.npz', workdir / 'best.json'
+    self.step = self.score = self.held = None
+    if self.meta.is_file() and self.npz.is_file():
+      m = json.loads(self.meta.read_text())
+      self.step, self.score, self.held = m['step'], m['score'], m['heldout']
+
+  def offer(self, step: int, score: float, held: dict, params) -> None:
+    if self.score is not None and score <= self.score:
+      return
+    from specdec_jax.checkpoints import flatten
+    from specdec_jax.outputs import write_atomic
+    buf = io.BytesIO()
+    np.savez(buf, **flatten(jax.device_get(params)))
+    write_atomic(self.npz, buf.getvalue())
+    write_atomic(self.meta, json.dumps(dict(step=step, score=score, heldout=held)).encode())
+    self.step, self.score, self.held = step, score, held
+
+  def load(self, like):
+    from specdec_jax.checkpoints import unflatten
+    with np.load(self.npz) as z:
+      tree = unflatten({k: z[k] for k in z.files})
+    return jax.tree.map(lambda ref, x: jnp.asarray(x, ref.dtype), like, tree)
 
 
 def _notice(model: str):

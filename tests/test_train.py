@@ -87,6 +87,25 @@ def test_training_lowers_loss_and_raises_acceptance(trained, kind):
   assert (drafter_dir / 'NOTICE').is_file()
 
 
+@pytest.mark.parametrize('kind', ['mtp', 'heads'])
+def test_the_best_heldout_evaluation_is_exported(trained, kind):
+  """export='best' (the default): the exported weights are those of the
+  held-out evaluation with the most expected accepted drafts per round."""
+  work, drafter_dir = trained[kind]
+  held = [r for r in map(json.loads, (work / 'log.jsonl').read_text().splitlines())
+          if r['kind'] == 'heldout' and r['step'] > 0]
+  score = lambda r: sum(r[f'chain_{j}'] for j in range(1, 5))
+  best = max(held, key=score)              # the first of equals: a later tie does not replace it
+  manifest = json.loads((drafter_dir / 'drafter.json').read_text())
+  assert manifest['training']['exported_step'] == best['step']
+  assert manifest['training']['heldout']['acc_1'] == round(best['acc_1'], 4)
+  with np.load(work / 'best.npz') as z:
+    kept = {k: z[k] for k in z.files}
+  got = _arrays(drafter_dir)
+  for k, v in kept.items():
+    np.testing.assert_array_equal(got[f'net/{k}'], v, err_msg=k)
+
+
 def _arrays(folder):
   with np.load(folder / 'drafter.npz') as z:
     return {k: z[k] for k in z.files}
@@ -129,6 +148,7 @@ def test_workdir_with_other_settings_is_refused(cache, trained):
     (['--config.loss=mse'], 'unknown loss'),
     (['--config.drafter=medusa'], 'unknown trainable drafter'),
     (['--config.steps=0'], 'steps must be'),
+    (['--config.export=final'], "export must be 'best'"),
 ])
 def test_bad_training_config_is_one_error_line(tmp_path, cache, args, needle):
   r = train_cli(cache, *args, f'--config.workdir={tmp_path}/w')
