@@ -284,30 +284,14 @@ class PromptStream:
 
 def draw(logits, temperature, u):
   """One token per row: argmax where temperature <= 0, else an exact draw from
-  softmax(logits / temperature) by inverse CDF over `u` [B] ~ U(0, 1).
-
-  Two levels (blocks of 512 ids, then ids within the block) so only a [B,
-  V/512] and a [B, 512] cumulative sum are needed: 1.3 ms for 8 rows of 262k
-  logits here, where jax.random.categorical (the Gumbel trick: a random
-  number per logit) takes ~50 ms, half of a decode step at batch 8.
-  """
+  softmax(logits / temperature) by inverse CDF over `u` [B] ~ U(0, 1)
+  (sampling.inverse_cdf: ~40x cheaper here than a Gumbel draw)."""
   from specdec_jax import sampling
-  B, V = logits.shape
-  blk = 512
-  nb = -(-V // blk)
   t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
   z = logits.astype(jnp.float32) / t
   p = jnp.exp(z - jnp.max(z, -1, keepdims=True))
-  p = jnp.pad(p, ((0, 0), (0, nb * blk - V))).reshape(B, nb, blk)           # [B, nb, blk]
-  sums = jnp.sum(p, -1)                                                     # [B, nb]
-  c = jnp.cumsum(sums, -1)
-  x = u * c[:, -1]
-  last = lambda q: q.shape[-1] - 1 - jnp.argmax((q > 0)[:, ::-1], -1)       # last nonzero
-  b = jnp.minimum(jnp.sum(c <= x[:, None], -1), last(sums))    # rounding never picks p = 0
-  r = x - jnp.where(b > 0, jnp.take_along_axis(c, jnp.maximum(b - 1, 0)[:, None], 1)[:, 0], 0)
-  within = jnp.take_along_axis(p, b[:, None, None], 1)[:, 0]                # [B, blk]
-  j = jnp.minimum(jnp.sum(jnp.cumsum(within, -1) <= r[:, None], -1), last(within))
-  return jnp.where(temperature > 0, b * blk + j, sampling.argmax(logits)).astype(jnp.int32)
+  return jnp.where(temperature > 0, sampling.inverse_cdf(p, u),
+                   sampling.argmax(logits)).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=('gen', 'kv_layers', 'topk'), donate_argnames=('state',))

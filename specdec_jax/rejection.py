@@ -15,6 +15,7 @@ Depends only on `sampling` (its argmax); p and q arrive already warped
 import jax
 import jax.numpy as jnp
 
+from specdec_jax import sampling
 from specdec_jax.sampling import argmax
 
 
@@ -80,5 +81,5 @@ def accept_sampled(keys, draft_tokens, draft_probs, target_probs, limit=None,
   # mass > 0 whenever a rejection happened (p(x) < q(x) there); the guard only
   # covers float round-off, where p and q agree and p is the right answer.
   residual = jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p_n)
-  nxt = jax.vmap(jax.random.categorical)(r_key, jnp.log(residual)).astype(jnp.int32)
+  nxt = sampling.sample(r_key, residual)
   return n, nxt

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from specdec_jax.errors import UserError
+from specdec_jax import sampling
 from specdec_jax.model import KVCache
 
 
@@ -276,7 +277,7 @@ def accept_sampled(shape: TreeShape, keys, node_tokens, target_probs, draft_prob
     walking = walking & (chosen >= 0)
   # A row still walking reached a leaf: its bonus token comes from p there.
   p = jnp.where(walking[:, None], target_probs[rows, cur], p)
-  nxt = jax.vmap(jax.random.categorical)(r_key, jnp.log(p)).astype(jnp.int32)
+  nxt = sampling.sample(r_key, p)
   return cur, nxt
 
 

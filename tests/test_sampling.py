@@ -63,6 +63,37 @@ def test_sample_follows_the_distribution():
   assert chi2 < 18.47, chi2                                 # chi2(4 dof) 0.999 quantile
 
 
+def test_inverse_cdf_across_blocks():
+  """The two-level draw over 2,000 ids (blocks of 512, the last partial):
+  unnormalised weights with a whole zero block and zeros at block edges; the
+  ends of u land on the first and last positive ids, a one-hot row on its id,
+  and 100k draws fit the weights (chi-square, bins with expected < 5 pooled)."""
+  from tests.scipy_free_chi2 import chi2_quantile_999
+  rng = np.random.default_rng(0)
+  w = rng.gamma(0.3, size=2000).astype(np.float32) * 7.0
+  w[512:1024] = 0.0                               # a whole block
+  w[:3] = 0.0
+  w[1535:1537] = 0.0                              # across a block edge
+  w[-5:] = 0.0
+  pos = np.flatnonzero(w)
+  ends = sampling.inverse_cdf(jnp.asarray(np.stack([w, w])), jnp.array([0.0, np.nextafter(1, 0)]))
+  assert ends.tolist() == [pos[0], pos[-1]]
+  one_hot = np.zeros((3, 2000), np.float32)
+  one_hot[:, 1300] = 1.0
+  assert sampling.inverse_cdf(jnp.asarray(one_hot), jnp.array([0.0, 0.5, 0.999])).tolist() == [1300] * 3
+  n = 100_000
+  draws = np.asarray(sampling.sample(jax.random.split(jax.random.key(1), n),
+                                     jnp.broadcast_to(jnp.asarray(w), (n, 2000))))
+  counts = np.bincount(draws, minlength=2000)
+  assert counts[w == 0].sum() == 0
+  expected = n * w.astype(np.float64) / w.sum()
+  big = expected >= 5
+  obs = np.append(counts[big], counts[~big & (w > 0)].sum())
+  exp = np.append(expected[big], expected[~big & (w > 0)].sum())
+  chi2 = ((obs - exp) ** 2 / exp).sum()
+  assert chi2 < chi2_quantile_999(len(obs) - 1), (chi2, len(obs) - 1)
+
+
 def test_argmax_is_jnp_argmax_first_index_on_ties():
   x = jax.random.normal(jax.random.key(0), (3, 7, 1000))
   x = x.at[:, :, 500].set(x.max() + 1).at[:, :, 700].set(x.max() + 1)   # tie: 500 wins
