@@ -137,12 +137,33 @@ def test_missing_config_file():
   assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'nope.py' in r.stderr, r.stderr
 
 
+@pytest.fixture(scope='module')
+def tiny_job(tmp_path_factory):
+  """Runs the job on the tiny model (11 new tokens) and returns (lines,
+  summary); plain AR runs are kept for the module: the ngram and draft_model
+  cases compare with the same AR run (one CLI process less)."""
+  runs = {}
+
+  def job(batch, parallel, devices, extra=()):
+    key = (batch, parallel, devices, tuple(extra))
+    if not extra and key in runs:
+      return runs[key]
+    out = tmp_path_factory.mktemp('job') / 'o.jsonl'
+    r = cli('--config.model=tiny', f'--config.output={out}', '--config.max_new_tokens=11',
+            f'--config.batch_size={batch}', f'--config.parallel={parallel}', *extra,
+            devices=devices)
+    assert r.returncode == 0, r.stderr
+    runs[key] = ([json.loads(l) for l in out.read_text().splitlines()],
+                 json.loads(r.stdout.strip().splitlines()[-1]))
+    return runs[key]
+  return job
+
+
 @pytest.mark.parametrize('drafter,parallel', [('ngram', 'none'), ('draft_model', 'none'),
                                               ('ngram', 'pmap')])
-def test_speculative_job_matches_autoregressive(tmp_path, drafter, parallel):
+def test_speculative_job_matches_autoregressive(tiny_job, drafter, parallel):
   """Greedy through the CLI: same completions as plain AR, fewer target calls
   for the target drafting for itself; pmap over the 8 fake devices too."""
-  outs = {}
   devices = 8 if parallel == 'pmap' else 1
   batch = '8' if parallel == 'pmap' else '2'
   # The dynamic draft length is on (the default); draft_model (the target
@@ -150,16 +171,10 @@ def test_speculative_job_matches_autoregressive(tmp_path, drafter, parallel):
   # the ngram runs measure theirs.
   given = (['--config.costs=1,1,1,1', '--config.confidence_threshold=0']
            if drafter == 'draft_model' else [])
-  for name, extra in [('ar', []), ('spec', [f'--config.drafter={drafter}', '--config.draft_len=3',
-                                             '--config.draft_model=target', *given])]:
-    out = tmp_path / f'{name}.jsonl'
-    r = cli('--config.model=tiny', f'--config.output={out}', '--config.max_new_tokens=11',
-            f'--config.batch_size={batch}', f'--config.parallel={parallel}', *extra,
-            devices=devices)
-    assert r.returncode == 0, r.stderr
-    outs[name] = ([json.loads(l) for l in out.read_text().splitlines()],
-                  json.loads(r.stdout.strip().splitlines()[-1]))
-  (ar, ar_sum), (spec, spec_sum) = outs['ar'], outs['spec']
+  ar, ar_sum = tiny_job(batch, parallel, devices)
+  spec, spec_sum = tiny_job(batch, parallel, devices, [
+      f'--config.drafter={drafter}', '--config.draft_len=3', '--config.draft_model=target',
+      *given])
   assert ar_sum['devices'] == spec_sum['devices'] == devices      # pmap: one row per device
   assert ar_sum['parallel'] == spec_sum['parallel'] == parallel
   assert [l['completion_ids'] for l in spec] == [l['completion_ids'] for l in ar]
