@@ -226,7 +226,7 @@ def outer(argv):
     sys.exit(f'error: {e}')
 
   from specdec_jax import generate as gen_lib
-  from specdec_jax import quality, sweep
+  from specdec_jax import quality, sweep, sweep_results
   from specdec_jax.errors import UserError
   from specdec_jax.targets import load_target
   try:
@@ -329,8 +329,8 @@ def outer(argv):
   with (out / 'raw.jsonl').open('w') as f:
     for r in raw:
       f.write(json.dumps(r) + '\n')
-  table = sweep.aggregate(raw) if raw else []
-  sweep.write_csv(table, out / 'results.csv')
+  table = sweep_results.aggregate(raw) if raw else []
+  sweep_results.write_csv(table, out / 'results.csv')
   same = {}
   for r in raw:
     if r['identical_to_specdec'] is not None:
@@ -344,7 +344,7 @@ def outer(argv):
           f'drafter none = greedy / sampling, prompt_lookup = prompt-lookup decoding with k '
           f'tokens; tokens/call = new tokens / forward calls. Greedy output equal to '
           f'specdec_jax greedy (prompts): {same}.\n\n')
-  lines = sweep.markdown(table).splitlines() if table else ['| system | result |', '|---|---|']
+  lines = sweep_results.markdown(table).splitlines() if table else ['| system | result |', '|---|---|']
   end = lines.index('') if '' in lines else len(lines)      # the table, then its notes
   lines[end:end] = crash_rows(crashed, hf['rows'], lines[0])
   (out / 'results.md').write_text(head + '\n'.join(lines) + '\n')
