@@ -219,8 +219,8 @@ def test_pit_accepts_exact_sampling_and_rejects_a_wrong_temperature(small):
   """Significance 0.001: exact samples pass; samples drawn at T=1.6 scored as
   T=0.6 (a large distortion, ~600 tokens) must fail."""
   cfg, params = small
-  # 28 rows x <= 40 tokens: 733 scored tokens (16 rows gave 388 with the
-  # inverse-CDF sampler: this model ends rows early at T = 1.6).
+  # 28 rows x <= 40 tokens: > 500 scored tokens whatever the draws (16 rows
+  # gave 388 under an inverse-CDF sampler: this model ends rows early).
   prompts, comps = _sample(cfg, params, 1.6, rows=28)
   scorer = quality.Scorer(cfg, params, length=64, new=40)
   right = [x for _, pit in scorer(prompts, comps, temperature=1.6) for x in pit]
