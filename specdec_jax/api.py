@@ -148,5 +148,5 @@ def generate(target: Target, prompts: Sequence[Union[str, Sequence[int]]], *,
                 policy=None if pol is None else {
                     **policy_lib.summary(pol, runs.local(state).policy),
                     'costs': [round(x, 4) for x in knobs.costs.tolist()]},
-                tree=None if shape is None else list(shape.branching),
+                tree=tree_lib.describe(shape),
                 rounds=[r['rounds'] for r in rows] if trace and drafter is not None else None)

@@ -33,6 +33,7 @@ from specdec_jax import policy as policy_lib
 from specdec_jax import rejection, sampling
 from specdec_jax import trace as trace_lib
 from specdec_jax import tree as tree_lib
+from specdec_jax import tree_proposals
 from specdec_jax.config import ModelConfig, is_eos
 from specdec_jax.drafters import TargetView, with_draft_len
 from specdec_jax.model import KVCache, build
@@ -86,8 +87,8 @@ class Generator:
   # (0 = a plain step; the largest is the drafter's draft_len). None: always
   # draft_len, except rounds where an abstaining drafter has nothing.
   policy: Any = None
-  # tree.TreeShape: each round verifies a tree of drafts in one pass
-  # (`_tree_step`); the drafter's draft_len is its depth. None: a chain.
+  # tree.TreeShape or tree.DynamicTree: each round verifies a tree of drafts
+  # in one pass (`_tree_step`); the drafter's draft_len is its depth. None: a chain.
   tree: Any = None
   # Record each verify round's drafts and acceptance per row (trace.py);
   # False leaves the state and the compiled program as they were.
@@ -353,27 +354,28 @@ class Generator:
     """One tree round (tree.py). As in `_step`, a drafter that can abstain
     makes the round a plain step when no unfinished row has a proposal."""
     view = TargetView(embedding=params['embedding'], cache=state.cache, hidden=state.hidden)
-    nodes = tree_lib.propose(self.drafter, self.tree, drafter_params, state.tokens,
-                             state.lengths, view)                          # [B, T]
+    nodes, tables = tree_proposals.propose(self.drafter, self.tree, drafter_params,
+                                           state.tokens, state.lengths, view)   # [B, T]
     if not hasattr(self.drafter, 'has_draft'):
-      return self._tree_round(params, state, nodes)
+      return self._tree_round(params, state, nodes, tables)
     offered = self.drafter.has_draft(state.tokens, state.lengths)       # [B]
     return jax.lax.cond(
         jnp.all(~offered | state.done),
         lambda s: self._plain_step(params, drafter_params, s),
-        lambda s: self._tree_round(params, s, nodes, offered), state)
+        lambda s: self._tree_round(params, s, nodes, tables, offered), state)
 
-  def _tree_round(self, params, state: DecodeState, nodes, offered=None):
+  def _tree_round(self, params, state: DecodeState, nodes, tables, offered=None):
     """Verify a tree in one target call -> accept a path per row -> write.
 
-    nodes [B, T]: node tokens (node 0 the pending token), T = tree.num_nodes.
-    offered ([B] bool or None = all): a row offering no tree accepts nothing
-    and draws its token as `_ar_step` would (same key), as in `_spec_round`.
+    nodes [B, T]: node tokens (node 0 the pending token), T = tree.num_nodes;
+    tables: each row's tree (tree.Tables; the same for every row with a
+    static shape). offered ([B] bool or None = all): a row offering no tree
+    accepts nothing and draws its token as `_ar_step` would (same key), as
+    in `_spec_round`.
     """
-    shape, lay = self.tree, self.tree.layout
     b = state.batch
     B, T = nodes.shape
-    D = shape.depth
+    D = tables.depth
     L = state.lengths
     live = ~state.done
     rows = jnp.arange(B)
@@ -381,21 +383,21 @@ class Generator:
     accept_keys = jax.vmap(lambda key: jax.random.split(key))(keys)[:, 1]
     first = state.cache.lengths                                            # the root's slot
     logits, hidden, cache = self.model.apply({'params': params}, nodes, state.cache,
-                                             tree=shape.mask)             # [B, T, V]
+                                             tree=tables.mask)            # [B, T, V]
     p = None
     if self.greedy:
-      best, nxt = tree_lib.accept_greedy(shape, nodes, logits)
+      best, nxt = tree_lib.accept_greedy(tables, nodes, logits)
     else:
       rep = lambda x: jnp.repeat(x, T)
       p = sampling.warp(logits.reshape(B * T, -1), rep(b.temperature), rep(b.top_k),
                         rep(b.top_p)).reshape(B, T, -1)
-      best, nxt = tree_lib.accept_sampled(shape, accept_keys, nodes, p)
+      best, nxt = tree_lib.accept_sampled(tables, accept_keys, nodes, p)
     if offered is not None:
       ar = self.next_tokens(logits[:, 0], b, L, None if p is None else p[:, 0])
       best = jnp.where(offered, best, 0)
       nxt = jnp.where(offered, nxt, ar)
-    path = jnp.asarray(lay['path_nodes'])[best]                            # [B, D+1]
-    n = jnp.asarray(lay['depths'])[best]                                   # [B] accepted
+    path = tables.path_nodes[rows, best]                                   # [B, D+1]
+    n = tables.depths[rows, best]                                          # [B] accepted
     path_tokens = jnp.take_along_axis(nodes, path[:, 1:], axis=1)          # [B, D]
     # Emitted this round: the path's n tokens then the correction / bonus.
     slot = jnp.arange(D + 1)

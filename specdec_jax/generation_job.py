@@ -250,7 +250,7 @@ def settings(c, rows) -> dict:
     s['trace'] = True
   shape = tree_shape(c)
   if shape is not None:            # its depth is the draft length; never dynamic
-    s.update(draft_len=shape.depth, tree=list(shape.branching))
+    s.update(draft_len=shape.depth, tree=tree_lib.describe(shape))
   elif kind != 'none':
     s['draft_len'] = c.draft_len
     if c.get('dynamic', False):    # the policy changes which drafts are offered
@@ -409,7 +409,7 @@ def run(c) -> dict:
       'new_tokens': new_tokens, 'target_calls': target_calls, 'draft_calls': draft_calls,
       'mean_accepted_per_call': round(new_tokens / max(target_calls, 1), 4),
       'draft_len': k, 'dynamic': pol is not None, 'policy': policy_summary,
-      'tree': None if shape is None else list(shape.branching),
+      'tree': tree_lib.describe(shape),
       'verify_rows': shape.num_nodes if shape is not None else k + 1 if k else 1,
       'acceptance_by_position': [round(float(a) / max(draft_calls, 1), 4) for a in accepted_total],
       'parallel': runner.mode, 'devices': runner.num_devices,

@@ -296,17 +296,20 @@ def tree_visibility(q_pos, key_slot, first_slot, depths, ancestors, window: Opti
   The T nodes of a tree verify pass sit in slots first_slot[b] + (0..T-1) but
   at positions first_slot[b] + depths (siblings share a position). Node i
   sees every cached slot before first_slot (slot == position there) and the
-  tree slots of its ancestors (itself included, ancestors [T, T] bool), all
-  within the window by position, exactly what a chain of its root-to-node
-  path would see. q_pos [B, T]; key_slot [B, S'] slot indices (visible_slots).
+  tree slots of its ancestors (itself included, ancestors [B, T, T] bool),
+  all within the window by position, exactly what a chain of its
+  root-to-node path would see. q_pos [B, T]; key_slot [B, S'] slot indices
+  (visible_slots); depths [B, T] (each row may have its own tree).
   """
-  T = depths.shape[0]
+  B, T = depths.shape
   node = key_slot - first_slot[:, None]                                     # [B, S']
   before = node < 0                                                         # cached slots
   in_tree = ~before & (node < T)
   node = jnp.clip(node, 0, T - 1)
-  k_pos = jnp.where(in_tree, first_slot[:, None] + depths[node], key_slot)  # [B, S']
-  anc = jnp.take(ancestors, node, axis=1).transpose(1, 0, 2)                # [B, T, S']
+  k_pos = jnp.where(in_tree, first_slot[:, None] + jnp.take_along_axis(depths, node, axis=1),
+                    key_slot)                                               # [B, S']
+  anc = jnp.take_along_axis(ancestors, jnp.broadcast_to(node[:, None, :], (B, T, node.shape[1])),
+                            axis=2)                                         # [B, T, S']
   vis = jnp.where(in_tree[:, None, :], anc, before[:, None, :])
   vis &= k_pos[:, None, :] <= q_pos[:, :, None]
   if window is not None:
@@ -372,7 +375,7 @@ class Attention(nn.Module):
       heads = jnp.arange(K)[None, :, None]
       # A tree's nodes take consecutive slots whatever their positions.
       slot_ids = positions if tree is None else (
-          positions[:, :1] - tree[0][None, :1] + jnp.arange(T, dtype=jnp.int32)[None])
+          positions[:, :1] - tree[0][:, :1] + jnp.arange(T, dtype=jnp.int32)[None])
       slots = slot_ids[:, None, :]
       write = lambda c, u: c.at[rows, heads, slots].set(
           u.astype(c.dtype), mode='promise_in_bounds', unique_indices=True,
@@ -450,7 +453,8 @@ class Transformer(nn.Module):
     forward in tests) positions are 0..T-1 and attention is causal over T.
     `hidden` is the final-normed last-layer state: the LM head's input.
     `tree` (with a cache; tree.py): (depths [T] int32, ancestors [T, T] bool)
-    of a token tree, node 0 the root at depth 0: the nodes still take slots
+    of a token tree, or [B, T] / [B, T, T] for one tree per row, node 0 the
+    root at depth 0: the nodes still take slots
     lengths + (0..T-1), but positions lengths + depths, and each sees the
     cache and its ancestors only (`tree_visibility`).
     """
@@ -461,8 +465,9 @@ class Transformer(nn.Module):
     else:
       if cache is None:
         raise ValueError('a tree verify pass needs a cache')
-      tree = (jnp.asarray(tree[0], jnp.int32), jnp.asarray(tree[1], bool))
-      positions = offset[:, None] + tree[0][None, :]                       # [B, T]
+      depths, ancestors = jnp.asarray(tree[0], jnp.int32), jnp.asarray(tree[1], bool)
+      tree = (jnp.broadcast_to(depths, (B, T)), jnp.broadcast_to(ancestors, (B, T, T)))
+      positions = offset[:, None] + tree[0]                                # [B, T]
     x = self.embed(tokens)
     new_k, new_v = [], []
     for i, block in enumerate(self.blocks):

@@ -459,7 +459,7 @@ def _run(c) -> dict:
     """The points of one drafter entry at k (dyn: the dynamic policy with k
     its longest draft; labelled '<entry> dynamic'; shape: a tree of depth k,
     labelled '<entry> tree 2x2x1'), every domain."""
-    key = (entry, k, greedy, B, dyn) + (() if shape is None else (shape.branching,))
+    key = (entry, k, greedy, B, dyn) + (() if shape is None else (shape,))
     label = (entry + (' dynamic' if dyn else '')
              + ('' if shape is None else f' tree {tree_lib.label(shape)}'))
     points = [_point(d, label, entry.partition(':')[0], k, T, B) for d in ax['domains']]
@@ -500,7 +500,7 @@ def _run(c) -> dict:
                    verify_ms_per_round=costs[key][1], drafter_params=n_params,
                    compile_seconds=run.compile_seconds,
                    verify_rows=k + 1 if shape is None else shape.num_nodes,
-                   tree=None if shape is None else list(shape.branching))
+                   tree=tree_lib.describe(shape))
       if dyn:   # rounds by drafted / verified length over the point's batches
         extra['policy'] = dict(draft_lens=list(policy[0].ks),
                                costs=[round(x, 4) for x in policy[1].costs.tolist()],

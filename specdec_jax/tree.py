@@ -34,8 +34,18 @@ Acceptance, per row:
             replacement), or deterministic proposals (top-b, n-gram matches),
             whose q_j is one-hot(x_j) (`draft_probs=None`): then x_j is
             accepted with probability p(x_j) and p loses x_j on rejection.
-            The proposals below (heads, mtp: top-b; ngram: matches) are
-            all deterministic.
+            The proposals (tree_proposals.py: heads, mtp: top-b; ngram:
+            matches; the dynamic trees: top-scoring nodes) are all
+            deterministic.
+
+Dynamic trees (`DynamicTree(nodes, depth, topk)`, EAGLE-2's expansion): the
+shape differs per row and per round, within a static budget of `nodes`
+drafted nodes, so every array keeps its size. The drafter expands the
+`topk` best-scoring nodes of each depth by their `topk` best children (score
+= the path's summed drafter log-probabilities), and the `nodes` best-scoring
+nodes of everything expanded form the tree. Acceptance, the mask and the
+cache commit read a per-row `Tables` (parents, depths, ancestors, children,
+paths); a static `TreeShape` is the same tables broadcast over the batch.
 """
 import dataclasses
 import functools
@@ -44,6 +54,8 @@ from typing import Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from flax import struct
 
 from specdec_jax.errors import UserError
 from specdec_jax import sampling
@@ -126,6 +138,93 @@ class TreeShape:
             if lay['depths'][i] == self.depth]
 
 
+@dataclasses.dataclass(frozen=True)
+class DynamicTree:
+  """EAGLE-2's dynamic tree within a static budget: `nodes` drafted nodes
+  (verify rows: nodes + 1), at most `depth` deep, each expansion the `topk`
+  best children of the `topk` best-scoring nodes of a depth."""
+  nodes: int
+  depth: int = 4
+  topk: int = 4
+
+  def __post_init__(self):
+    for name in ('nodes', 'depth', 'topk'):
+      v = getattr(self, name)
+      if not isinstance(v, (int, np.integer)) or v < 1:
+        raise UserError(f'dynamic tree {name}={v!r}: it must be an integer >= 1')
+    if self.nodes > self.pool_size:
+      raise UserError(f'dynamic tree of {self.nodes} nodes: depth {self.depth} x topk '
+                      f'{self.topk} expands only {self.pool_size} candidates; raise depth or '
+                      'topk, or lower nodes')
+
+  @property
+  def pool_size(self) -> int:
+    """Candidates expanded: topk at depth 1, topk^2 at each depth below."""
+    return self.topk + (self.depth - 1) * self.topk ** 2
+
+  @property
+  def num_nodes(self) -> int:
+    return self.nodes + 1
+
+
+@struct.dataclass
+class Tables:
+  """A batch of trees, row by row (T nodes, node 0 the root, parents
+  before children): what the verify mask, acceptance and the commit read."""
+  parents: jax.Array      # [B, T] int32 (the root: 0)
+  depths: jax.Array       # [B, T] int32
+  ancestors: jax.Array    # [B, T, T] bool, self included
+  children: jax.Array     # [B, T, C] int32 in sibling order, -1 past the last
+  path_nodes: jax.Array   # [B, T, D+1] int32: the ancestor at each depth (itself past its own)
+
+  @property
+  def depth(self) -> int:
+    return self.path_nodes.shape[-1] - 1
+
+  @property
+  def mask(self):
+    """(depths [B, T], ancestors [B, T, T]): the model's `tree` argument."""
+    return self.depths, self.ancestors
+
+
+def tables_of(tree, batch: int) -> Tables:
+  """`Tables` as they are, or a TreeShape's layout broadcast over `batch` rows."""
+  if isinstance(tree, Tables):
+    return tree
+  lay = tree.layout
+  b = lambda x: jnp.broadcast_to(jnp.asarray(x), (batch,) + x.shape)
+  return Tables(parents=b(np.maximum(lay['parents'], 0)), depths=b(lay['depths']),
+                ancestors=b(lay['ancestors']), children=b(lay['children']),
+                path_nodes=b(lay['path_nodes']))
+
+
+def build_tables(parents, depths, depth: int, max_children: int) -> Tables:
+  """Tables of per-row trees given each node's parent and depth ([B, T];
+  node 0 the root, parents numbered before their children, at most
+  `max_children` children per node, none deeper than `depth`). Siblings
+  keep their node order."""
+  B, T = parents.shape
+  rows = jnp.arange(B)[:, None]
+  node = jnp.arange(T, dtype=jnp.int32)
+  eye = jnp.eye(T, dtype=bool)
+  parents = parents.at[:, 0].set(0)
+  anc = jnp.broadcast_to(eye, (B, T, T))
+  for _ in range(depth):                          # each pass adds one more generation
+    anc = eye[None] | jnp.take_along_axis(anc, parents[:, :, None], axis=1)
+  # Sibling rank: earlier nodes with the same parent (the root has none).
+  same = (parents[:, :, None] == parents[:, None, :]) & (node[:, None] > node[None, :])
+  rank = jnp.sum(same & (node[None, None, :] > 0), axis=-1).astype(jnp.int32)   # [B, T]
+  target = jnp.where(node[None] > 0, parents, T)                          # the root: dropped
+  children = jnp.full((B, T, max_children), -1, jnp.int32).at[
+      rows, target, rank].set(jnp.broadcast_to(node, (B, T)), mode='drop')
+  path = []
+  for d in range(depth + 1):
+    at_d = anc & (depths[:, None, :] == d)                                # [B, T, T]
+    path.append(jnp.where(jnp.any(at_d, -1), jnp.argmax(at_d, -1), node[None]))
+  return Tables(parents=parents, depths=depths.astype(jnp.int32), ancestors=anc,
+                children=children, path_nodes=jnp.stack(path, -1).astype(jnp.int32))
+
+
 # The `tree` key of the job, the api and the sweep: '' = a chain, 'auto' =
 # the shape below for the drafter kind, or the branching per depth: '4,2,1'
 # or '4x2x1'. AUTO is the tree with the best mean speedup over AR in
@@ -139,7 +238,7 @@ CHAIN = ('', 'none', 'chain')
 def parse(spec):
   """'' / 'none' / 'chain' -> None; 'auto' -> 'auto'; '4,2,1', '4x2x1' or a
   sequence of ints -> TreeShape. UserError (one line) otherwise."""
-  if isinstance(spec, TreeShape) or spec is None:
+  if isinstance(spec, (TreeShape, DynamicTree)) or spec is None:
     return spec
   if isinstance(spec, (list, tuple)):
     items = list(spec)
@@ -149,17 +248,36 @@ def parse(spec):
       return None
     if text == 'auto':
       return 'auto'
+    if text.startswith('dyn'):
+      return parse_dynamic(text)
     items = [x.strip() for x in text.replace('x', ',').split(',')]
   try:
     branching = tuple(int(x) for x in items)
   except (TypeError, ValueError):
-    raise UserError(f'tree {spec!r}: use \'\' (a chain), auto, or a branching factor per depth '
-                    'such as 4,2,1 (or 4x2x1)') from None
+    raise UserError(f'tree {spec!r}: use \'\' (a chain), auto, a branching factor per depth '
+                    'such as 4,2,1 (or 4x2x1), or a dynamic tree such as dyn8 or '
+                    'dyn8-d4-k4') from None
   return TreeShape(branching)
 
 
+def parse_dynamic(text: str) -> DynamicTree:
+  """'dyn8' -> DynamicTree(8); 'dyn6-d3-k2' -> 6 nodes, depth 3, top 2."""
+  head, *rest = text.split('-')
+  try:
+    args = {'nodes': int(head[3:])}
+    for part in rest:
+      key = {'d': 'depth', 'k': 'topk'}[part[0]]
+      if key in args:
+        raise KeyError(key)
+      args[key] = int(part[1:])
+  except (ValueError, KeyError, IndexError):
+    raise UserError(f'tree {text!r}: a dynamic tree is dyn<nodes>, optionally -d<depth> and '
+                    '-k<topk>, e.g. dyn8 or dyn6-d3-k2') from None
+  return DynamicTree(**args)
+
+
 def resolve(spec, kind: str):
-  """The TreeShape (or None: a chain) for a drafter kind ('mtp', 'heads',
+  """The TreeShape or DynamicTree (or None: a chain) for a drafter kind ('mtp', 'heads',
   'ngram'); 'auto' picks AUTO[kind]. UserError for kinds without trees."""
   shape = parse(spec)
   if shape is None:
@@ -168,20 +286,41 @@ def resolve(spec, kind: str):
     raise UserError(f'tree drafting needs an ngram, heads or mtp drafter, not {kind}')
   if shape == 'auto':
     return TreeShape(AUTO[kind])
+  check_dynamic_kind(shape, kind)
   return shape
 
 
+def check_dynamic_kind(shape, kind: str) -> None:
+  """UserError for a dynamic tree from a drafter without probabilities."""
+  if isinstance(shape, DynamicTree) and kind == 'ngram':
+    raise UserError(f'tree {label(shape)}: a dynamic tree ranks nodes by the drafter\'s '
+                    'probabilities, which ngram has not; use a static shape such as 3x1x1')
+
+
 def label(shape) -> str:
-  """'2x2x1' for TreeShape((2, 2, 1)); 'chain' for None."""
-  return 'chain' if shape is None else 'x'.join(map(str, shape.branching))
+  """'2x2x1' for TreeShape((2, 2, 1)); 'dyn8-d4-k4' for DynamicTree(8);
+  'chain' for None."""
+  if shape is None:
+    return 'chain'
+  if isinstance(shape, DynamicTree):
+    return f'dyn{shape.nodes}-d{shape.depth}-k{shape.topk}'
+  return 'x'.join(map(str, shape.branching))
 
 
-def check_fits(shape: TreeShape, longest_prompt: int, max_new_tokens: int, cache_size: int):
+def describe(shape):
+  """What summaries record: the branching list of a static tree, the label
+  of a dynamic one, None for a chain."""
+  if shape is None:
+    return None
+  return label(shape) if isinstance(shape, DynamicTree) else list(shape.branching)
+
+
+def check_fits(shape, longest_prompt: int, max_new_tokens: int, cache_size: int):
   """UserError unless a verify pass over the tree fits in the cache: it writes
   num_nodes slots from the pending token on (a chain's margin is k + 1)."""
   need = longest_prompt + max_new_tokens + shape.num_nodes
   if need > cache_size:
-    raise UserError(f'tree {shape.branching} has {shape.num_nodes} nodes: prompt '
+    raise UserError(f'tree {label(shape)} has {shape.num_nodes} nodes: prompt '
                     f'({longest_prompt}) + max_new_tokens ({max_new_tokens}) + nodes needs a '
                     f'cache of {need} > cache_size {cache_size}; use a smaller tree')
 
@@ -215,47 +354,47 @@ def commit_path(cache: KVCache, first_slot, path) -> KVCache:
 # Acceptance.
 # ----------------------------------------------------------------------------
 
-def accept_greedy(shape: TreeShape, node_tokens, target_logits):
-  """node_tokens [B, T] (node 0 the pending token), target_logits [B, T, V]
-  -> (best [B] deepest node on an all-matching path, next_token [B])."""
-  lay = shape.layout
-  parents = np.maximum(lay['parents'], 0)
+def accept_greedy(tree, node_tokens, target_logits):
+  """tree: a TreeShape or per-row Tables; node_tokens [B, T] (node 0 the
+  pending token), target_logits [B, T, V] -> (best [B] deepest node on an
+  all-matching path, next_token [B])."""
+  t = tables_of(tree, node_tokens.shape[0])
   best_at = jnp.argmax(target_logits, axis=-1)                           # [B, T]
-  match = node_tokens == best_at[:, parents]                             # [B, T]
+  match = node_tokens == jnp.take_along_axis(best_at, t.parents, axis=1)  # [B, T]
   match = match.at[:, 0].set(True)
   # On the path iff every ancestor (itself included) matches.
-  ok = jnp.all(match[:, None, :] | ~lay['ancestors'][None], axis=-1)    # [B, T]
-  best = jnp.argmax(jnp.where(ok, lay['depths'][None], -1), axis=-1).astype(jnp.int32)
+  ok = jnp.all(match[:, None, :] | ~t.ancestors, axis=-1)               # [B, T]
+  best = jnp.argmax(jnp.where(ok, t.depths, -1), axis=-1).astype(jnp.int32)
   return best, jnp.take_along_axis(best_at, best[:, None], axis=1)[:, 0].astype(jnp.int32)
 
 
-def accept_sampled(shape: TreeShape, keys, node_tokens, target_probs, draft_probs=None,
+def accept_sampled(tree, keys, node_tokens, target_probs, draft_probs=None,
                    residual_update: bool = True):
   """Recursive rejection sampling down the tree (module docstring).
 
-  keys [B]; node_tokens [B, T]; target_probs p [B, T, V] (warped; p[:, i]
-  is the target's distribution after node i); draft_probs q [B, T, V] (the
+  tree: a TreeShape or per-row Tables; keys [B]; node_tokens [B, T];
+  target_probs p [B, T, V] (warped; p[:, i] is the target's distribution
+  after node i); draft_probs q [B, T, V] (the
   distribution node i was drawn from) or None for deterministic proposals.
   residual_update=False is a deliberately wrong variant for the tests'
   power check (p is not reduced between siblings).
   Returns (best [B] the last accepted node, next_token [B]).
   """
-  lay = shape.layout
   B, T, V = target_probs.shape
-  b_max = lay['children'].shape[1]
+  t = tables_of(tree, B)
+  D, b_max = t.depth, t.children.shape[-1]
   u_key, r_key = jax.vmap(lambda key: jax.random.split(key))(keys).transpose(1, 0)
-  u = jax.vmap(lambda key: jax.random.uniform(key, (shape.depth, b_max)))(u_key)   # [B, D, b]
+  u = jax.vmap(lambda key: jax.random.uniform(key, (D, b_max)))(u_key)   # [B, D, b]
   rows = jnp.arange(B)
-  children = jnp.asarray(lay['children'])
   cur = jnp.zeros((B,), jnp.int32)
   walking = jnp.ones((B,), bool)               # still descending
   p = target_probs[:, 0]                        # [B, V]
-  for d in range(shape.depth):
+  for d in range(D):
     p = jnp.where(walking[:, None], target_probs[rows, cur], p)
     base = p
     chosen = jnp.full((B,), -1, jnp.int32)
     for j in range(b_max):
-      c = children[cur, j]                                               # [B]
+      c = t.children[rows, cur, j]                                       # [B]
       trying = walking & (c >= 0) & (chosen < 0)
       cc = jnp.maximum(c, 0)
       x = node_tokens[rows, cc]                                          # [B]
@@ -281,156 +420,32 @@ def accept_sampled(shape: TreeShape, keys, node_tokens, target_probs, draft_prob
   return cur, nxt
 
 
-# ----------------------------------------------------------------------------
-# Proposals: node tokens [B, T] (node 0 = the pending token), deterministic.
-# ----------------------------------------------------------------------------
-
-def expand_top(shape: TreeShape, head_logits):
-  """Medusa's product tree: head_logits [B, D, V'] (head d
-  predicts the token at depth d + 1 with any prefix). A node at depth d with
-  sibling rank j holds head d-1's j-th best token. Returns ranked indices
-  into V' ([B, T], node 0 = -1: the caller puts the pending token there)."""
-  lay = shape.layout
-  b_max = max(shape.branching)
-  top = jax.lax.top_k(head_logits, b_max)[1]                             # [B, D, b_max]
-  d = np.maximum(lay['depths'] - 1, 0)
-  picked = top[:, d, lay['ranks']]                                       # [B, T]
-  return picked.at[:, 0].set(-1)
-
-
-def propose_heads(drafter, shape: TreeShape, params, tokens, lengths, target):
-  """A tree from a HeadsDrafter: per head its top-b tokens (of its logits;
-  warping keeps the order, and top-k/top-p only cut the tail, where a
-  proposal is simply rejected), products along the tree. [B, T] int32."""
-  from specdec_jax.drafter_models import HeadsNet
-  if shape.depth > drafter.config.num_draft_heads:
-    raise UserError(f'tree {shape.branching} is {shape.depth} deep; the heads drafter has '
-                    f'{drafter.config.num_draft_heads} heads')
-  sub, embed = drafter._inputs(params, target)
-  pending = jnp.take_along_axis(tokens, (lengths - 1)[:, None], axis=1)[:, 0]
-  logits = HeadsNet(drafter.config).apply({'params': params['net']}, embed(pending),
-                                          target.hidden[:, None], sub)[:, 0, :shape.depth]
-  idx = expand_top(shape, logits)                                        # [B, T]
-  ids = params['vocab'][jnp.maximum(idx, 0)]
-  return jnp.where(idx < 0, pending[:, None], ids).astype(jnp.int32)
-
-
-def propose_mtp(drafter, shape: TreeShape, params, tokens, lengths, target):
-  """A tree from the recurrent MTPDrafter: each node's children are the
-  drafter's top-b tokens given the path to it (EAGLE's static tree). One
-  drafter call per depth runs every node of the previous depth as a query
-  row: MTPNet's rows are independent (they read only the target's cache, at
-  the pending token's position, as the chain's steps do). [B, T] int32."""
-  from specdec_jax.drafter_models import MTPNet
-  cfg = drafter.config
-  sub, embed = drafter._inputs(params, target)
-  kvs = tuple((target.cache.k[l], target.cache.v[l]) for l in cfg.kv_layers)
-  net = MTPNet(cfg)
-  B = tokens.shape[0]
-  level = jnp.take_along_axis(tokens, (lengths - 1)[:, None], axis=1)   # [B, n] tokens
-  h = target.hidden[:, None]                                             # [B, n, D]
-  out = [level]
-  for b in shape.branching:
-    n = level.shape[1]
-    emb = embed(level.reshape(-1))[:, 0].reshape(B, n, -1)               # [B, n, D]
-    q_pos = jnp.broadcast_to((lengths - 1)[:, None], (B, n))
-    h, logits = net.apply({'params': params['net']}, emb, h, q_pos, kvs, sub)   # [B, n, R]
-    top = jax.lax.top_k(logits, b)[1]                                    # [B, n, b]
-    # Parent-major, rank-minor: the breadth-first numbering of the layout.
-    level = params['vocab'][top].reshape(B, n * b)
-    h = jnp.repeat(h, b, axis=1)                                         # children's state
-    out.append(level)
-  return jnp.concatenate(out, 1).astype(jnp.int32)
-
-
-def propose_ngram(drafter, shape: TreeShape, tokens, lengths):
-  """A trie from prompt lookup: the continuations of the M best earlier
-  occurrences of the context's last n tokens (longest n first, then most
-  recent, as NgramDrafter; M = the tree's leaves) merged by common prefix. A
-  node's children are the first b distinct next tokens among the
-  continuations through it, in that order; where there are fewer, the spare
-  children are the pending token (deterministic, hence exact: the target
-  judges them as any draft). For (b, 1, .., 1) that is b chains from b
-  matches that differ in their first token. [B, T] int32."""
-  B, S = tokens.shape
-  D, M = shape.depth, int(np.prod(shape.branching))
-  m = drafter.max_ngram
-  rows = jnp.arange(B)
-  starts = jnp.arange(S)
-  suffix = jnp.take_along_axis(
-      tokens, jnp.clip(lengths[:, None] - m + jnp.arange(m), 0, S - 1), axis=1)   # [B, m]
-  # score[b, e] = n * S + e for the longest n-gram match ending just before
-  # e (where its proposal begins): longest first, then most recent; indexed
-  # by e so two n-grams proposing the same continuation count once.
-  score = jnp.full((B, S), -1, jnp.int32)
-  for n in range(drafter.min_ngram, m + 1):
-    match = jnp.ones((B, S), bool)
-    for i in range(n):
-      match &= jnp.roll(tokens, -i, axis=1) == suffix[:, m - n + i][:, None]
-    valid = (starts[None, :] + n <= lengths[:, None] - 1) & (lengths[:, None] >= n)
-    # Shift start j to end j + n (the wrapped-around starts are never valid).
-    hit = jnp.roll(match & valid, n, axis=1)
-    score = jnp.where(hit, n * S + starts[None, :], score)
-  val, _ = jax.lax.top_k(score, min(M, S))                               # [B, M] best first
-  begin = jnp.where(val >= 0, val % S, -1)                               # proposal starts
-  pos = begin[:, :, None] + jnp.arange(D)                                # [B, M, D]
-  known = (begin[:, :, None] >= 0) & (pos < lengths[:, None, None])      # inside the context
-  cand = jnp.take_along_axis(tokens, jnp.clip(pos, 0, S - 1).reshape(B, -1),
-                             axis=1).reshape(pos.shape)                  # [B, M, D]
-  pending = tokens[rows, lengths - 1]                                    # [B]
-  out, level = [pending], [begin >= 0]       # per node: the continuations through it [B, M]
-  for d, b in enumerate(shape.branching):
-    nxt = []
-    for through in level:
-      avail = through & known[:, :, d]
-      taken = jnp.zeros_like(avail)
-      for _ in range(b):
-        left = avail & ~taken
-        has = jnp.any(left, axis=1)                                      # [B]
-        tok = jnp.where(has, cand[rows, jnp.argmax(left, axis=1), d], pending)
-        child = avail & (cand[:, :, d] == tok[:, None]) & has[:, None]
-        taken |= child
-        out.append(tok)
-        nxt.append(child)
-    level = nxt
-  return jnp.stack(out, 1).astype(jnp.int32)
-
-
-def check_drafter(drafter, shape: TreeShape):
+def check_drafter(drafter, shape):
   """UserError unless `drafter` can propose trees of this shape."""
   from specdec_jax import drafters
   kinds = (drafters.NgramDrafter, drafters.HeadsDrafter, drafters.MTPDrafter)
   if drafter is None or not isinstance(drafter, kinds):
     raise UserError(f'tree drafting needs an ngram, heads or mtp drafter, not '
                     f'{type(drafter).__name__}')
+  check_dynamic_kind(shape, 'ngram' if isinstance(drafter, drafters.NgramDrafter) else '')
   if drafter.draft_len != shape.depth:
-    raise UserError(f'tree {shape.branching} is {shape.depth} deep: the drafter\'s draft_len '
+    raise UserError(f'tree {label(shape)} is {shape.depth} deep: the drafter\'s draft_len '
                     f'({drafter.draft_len}) must equal it')
   if isinstance(drafter, drafters.HeadsDrafter) and shape.depth > drafter.config.num_draft_heads:
-    raise UserError(f'tree {shape.branching} is {shape.depth} deep; the heads drafter has '
+    raise UserError(f'tree {label(shape)} is {shape.depth} deep; the heads drafter has '
                     f'{drafter.config.num_draft_heads} heads')
-
-
-def propose(drafter, shape: TreeShape, params, tokens, lengths, target):
-  """Node tokens [B, T] of the drafter's tree (node 0 = the pending token)."""
-  from specdec_jax import drafters
-  if isinstance(drafter, drafters.NgramDrafter):
-    return propose_ngram(drafter, shape, tokens, lengths)
-  if isinstance(drafter, drafters.MTPDrafter):
-    return propose_mtp(drafter, shape, params, tokens, lengths, target)
-  return propose_heads(drafter, shape, params, tokens, lengths, target)
 
 
 def check_tree_generator(gen):
   """The Generator's checks for a tree (UserError)."""
   from specdec_jax.config import ModelConfig
-  if not isinstance(gen.tree, TreeShape):
-    raise UserError(f'tree must be a tree.TreeShape, not {gen.tree!r}')
+  if not isinstance(gen.tree, (TreeShape, DynamicTree)):
+    raise UserError(f'tree must be a tree.TreeShape or tree.DynamicTree, not {gen.tree!r}')
   if gen.policy is not None:
     raise UserError('a draft tree and a draft-length policy do not combine')
   if not isinstance(gen.config, ModelConfig):
     raise UserError('tree verify passes need a Gemma 3 target (model.Transformer)')
   check_drafter(gen.drafter, gen.tree)
   if gen.tree.num_nodes >= gen.cache_size:
-    raise UserError(f'tree {gen.tree.branching} has {gen.tree.num_nodes} nodes, more than '
+    raise UserError(f'tree {label(gen.tree)} has {gen.tree.num_nodes} nodes, more than '
                     f'cache_size {gen.cache_size} leaves room for')

@@ -12,6 +12,7 @@ import pytest
 
 from specdec_jax import drafters, generate
 from specdec_jax import tree as tree_lib
+from specdec_jax import tree_proposals
 from specdec_jax.errors import UserError
 from specdec_jax.model import KVCache, Transformer, cast_params
 
@@ -148,11 +149,11 @@ def test_ngram_trie_merges_matches_by_prefix():
   so its spare child (and that child's child) is the pending token."""
   d = drafters.NgramDrafter(3, 64, max_ngram=1)
   tokens = jnp.array([[2, 5, 7, 8, 5, 7, 9, 5, 6, 1, 5, 0, 0, 0, 0, 0]])
-  nodes = tree_lib.propose_ngram(d, tree_lib.TreeShape((2, 2, 1)), tokens, jnp.array([11]))
+  nodes = tree_proposals.propose_ngram(d, tree_lib.TreeShape((2, 2, 1)), tokens, jnp.array([11]))
   assert nodes[0].tolist() == [5, 6, 7, 1, 5, 9, 8, 5, 5, 5, 5]
   # (3, 1, 1): three chains from three matches with distinct first tokens; a
   # match repeating an earlier one's first token is merged, not a new branch.
-  nodes = tree_lib.propose_ngram(d, tree_lib.TreeShape((3, 1)), tokens, jnp.array([11]))
+  nodes = tree_proposals.propose_ngram(d, tree_lib.TreeShape((3, 1)), tokens, jnp.array([11]))
   assert nodes[0].tolist() == [5, 6, 7, 5, 1, 9, 5]
 
 
@@ -168,8 +169,8 @@ def test_mtp_tree_of_single_children_is_the_greedy_chain(tiny):
   chain = gen.draft_part(params, state, dp)                              # [B, 3]
   view = drafters.TargetView(embedding=params['embedding'], cache=state.cache,
                              hidden=state.hidden)
-  nodes = tree_lib.propose(d, tree_lib.TreeShape((1, 1, 1)), dp, state.tokens, state.lengths,
-                           view)
+  nodes, _ = tree_proposals.propose(d, tree_lib.TreeShape((1, 1, 1)), dp, state.tokens,
+                                    state.lengths, view)
   assert (nodes[:, 1:] == chain).all()
   assert (nodes[:, 0] == state.tokens[jnp.arange(5), state.lengths - 1]).all()
 
