@@ -226,12 +226,13 @@ def build_tables(parents, depths, depth: int, max_children: int) -> Tables:
 
 
 # The `tree` key of the job, the api and the sweep: '' = a chain, 'auto' =
-# the shape below for the drafter kind, or the branching per depth: '4,2,1'
-# or '4x2x1'. AUTO is the tree with the best mean speedup over AR in
-# experiments/bench_tree.py's two short runs on this CPU (docs/TREE.md: mtp
-# 2x1, ngram 3x1x1; on a CPU a verify pass over many rows costs too much for
-# larger trees to pay); heads was not measured and takes mtp's shape.
-AUTO = {'mtp': (2, 1), 'heads': (2, 1), 'ngram': (3, 1, 1)}
+# the tree below for the drafter kind, the branching per depth ('4,2,1' or
+# '4x2x1'), or a dynamic tree ('dyn8'). AUTO is the tree with the best mean
+# speedup over AR, six (domain, T) points, in experiments/bench_tree.py's
+# runs on this CPU (docs/TREE.md, run 3: mtp and heads dyn4-d3-k2, 5 verify
+# rows; ngram 3x1x1 over runs 1-2; on a CPU a verify pass over many rows
+# costs too much for larger trees to pay).
+AUTO = {'mtp': DynamicTree(4, 3, 2), 'heads': DynamicTree(4, 3, 2), 'ngram': TreeShape((3, 1, 1))}
 CHAIN = ('', 'none', 'chain')
 
 
@@ -285,7 +286,7 @@ def resolve(spec, kind: str):
   if kind not in AUTO:
     raise UserError(f'tree drafting needs an ngram, heads or mtp drafter, not {kind}')
   if shape == 'auto':
-    return TreeShape(AUTO[kind])
+    return AUTO[kind]
   check_dynamic_kind(shape, kind)
   return shape
 

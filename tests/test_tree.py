@@ -343,7 +343,8 @@ def test_tree_key_values():
   assert tree_lib.parse('') is None and tree_lib.parse('chain') is None
   assert tree_lib.parse('auto') == 'auto'
   assert tree_lib.parse('4,2,1') == tree_lib.parse('4x2x1') == tree_lib.TreeShape((4, 2, 1))
-  assert tree_lib.resolve('auto', 'ngram') == tree_lib.TreeShape(tree_lib.AUTO['ngram'])
+  assert tree_lib.resolve('auto', 'ngram') == tree_lib.TreeShape((3, 1, 1))
+  assert tree_lib.resolve('auto', 'mtp') == tree_lib.DynamicTree(4, 3, 2)
   assert tree_lib.label(tree_lib.TreeShape((2, 2, 1))) == '2x2x1'
   with pytest.raises(UserError, match='such as 4,2,1'):
     tree_lib.parse('wide')
