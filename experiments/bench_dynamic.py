@@ -1,7 +1,9 @@
 """The dynamic draft-length policy against fixed k and plain decoding (#17).
 
-    python -m experiments.bench_dynamic          # ~25 min on this 2-core CPU
+    python -m experiments.bench_dynamic          # ~25 min on this 2-core CPU (docs/BENCHMARKS.md §7)
     python -m experiments.bench_dynamic --drafters=ngram --domains=code --repeats=1
+    python -m experiments.bench_dynamic --drafters=mtp --draft_lens=1,2,4 --dynamic_lens=4 \
+        --thresholds=0,0.1,0.2,0.4,0.6 --temperatures=1     # the confidence lever, 9 min
 
 For each temperature, every variant is compiled first: plain AR (`none`),
 each drafter at each fixed k (`--draft_lens`), and each drafter with the
@@ -27,6 +29,7 @@ import jax
 import numpy as np
 
 from specdec_jax import api, runs, sweep
+from specdec_jax import generate as gen_lib
 from specdec_jax.precision import cpu_info
 from specdec_jax.targets import load_target
 
@@ -40,6 +43,9 @@ _NEW = flags.DEFINE_integer('max_new_tokens', 48, 'New tokens per prompt.')
 _REPEATS = flags.DEFINE_integer('repeats', 2, 'Timed passes (median).')
 _DTYPE = flags.DEFINE_string('param_dtype', 'auto', 'auto | bfloat16 | float32.')
 _DEFAULT_K = flags.DEFINE_integer('default_len', 4, "The job's default draft_len (its policy).")
+_THRESHOLDS = flags.DEFINE_list('thresholds', ['0.4'],
+                                "The policy's confidence thresholds (0.4: the job's default).")
+DEFAULT_THRESHOLD = 0.4
 _OUT = flags.DEFINE_string('output', '', 'JSON results ("" = not written).')
 
 
@@ -51,6 +57,11 @@ def main(_):
              for d in _DOMAINS.value}
   longest = max(len(p) for ps in prompts.values() for p in ps)
   max_k = max(map(int, _LENS.value + _DYN.value))
+  # One prompt bucket for every domain, programs dropped between
+  # temperatures: a program per variant and bucket exhausted XLA:CPU's code
+  # mappings at the third domain ('LLVM compilation error: Cannot allocate
+  # memory', 2026-11-27).
+  bucket_len = gen_lib.bucket(longest)
   rows = []
   for T in map(float, _TEMPS.value):
     variants = {'none': None}
@@ -58,17 +69,21 @@ def main(_):
       for k in map(int, _LENS.value):
         variants[f'{kind} k={k}'] = (kind, k, False)
       for k in map(int, _DYN.value):
-        variants[f'{kind} dynamic k<={k}'] = (kind, k, True)
+        for thr in map(float, _THRESHOLDS.value):
+          name = f'{kind} dynamic k<={k}' + ('' if thr == DEFAULT_THRESHOLD else f' thr={thr:g}')
+          variants[name] = (kind, k, thr)
     built = {}
+    jax.clear_caches()       # the previous temperature's programs
     for name, v in variants.items():
       t0 = time.perf_counter()
       drafter = dparams = pol = knobs = None
       if v is not None:
-        kind, k, dyn = v
+        kind, k, thr = v
         d = api.load_drafter(target, kind, draft_len=k)
         drafter, dparams = d.drafter, d.params
-        if dyn:
+        if thr is not False:
           pol, knobs, _ = runs.make_policy(target, drafter, dparams, prompts[_DOMAINS.value[0]],
+                                           threshold=thr,
                                            max_new_tokens=_NEW.value, batch_size=1,
                                            cache_size_=runs.cache_size(longest, _NEW.value, max_k,
                                                                        target.config.max_context),
@@ -76,6 +91,7 @@ def main(_):
       run = runs.Run.build(target, drafter, dparams, longest_prompt=longest,
                            max_new_tokens=_NEW.value, batch_size=1, temperature=T,
                            draft_len=max_k, policy=pol, policy_params=knobs)
+      run.compile(run.batch(prompts[_DOMAINS.value[0]][:1], runs.row_keys(0, [0]), bucket_len))
       built[name] = (run, knobs)
       print(f'built {name} at T={T} ({time.perf_counter() - t0:.1f} s)', file=sys.stderr,
             flush=True)
@@ -86,7 +102,7 @@ def main(_):
         for name, (run, knobs) in built.items():
           total, outs, counts = 0.0, [], None
           for i, p in enumerate(prompts[domain]):
-            state, seconds = run(run.batch([p], runs.row_keys(0, [i])))
+            state, seconds = run(run.batch([p], runs.row_keys(0, [i]), bucket_len))
             total += seconds
             r = run.completions(state)[0]
             outs.append(r)
@@ -129,6 +145,19 @@ def main(_):
       summary[kind] = dict(default=default, worst_speedup_over_ar=min(worst),
                            mean_ratio_to_best_fixed_k=round(statistics.mean(rel), 3),
                            ratios_to_best_fixed_k=[round(x, 3) for x in rel])
+    # Every policy variant (other k, other thresholds): its mean ratio.
+    by_variant = {}
+    for name in {r['variant'] for r in rows if r['variant'].startswith(f'{kind} dynamic')}:
+      rel = []
+      for domain in _DOMAINS.value:
+        for T in map(float, _TEMPS.value):
+          sel = {r['variant']: r['speedup'] for r in rows
+                 if r['domain'] == domain and r['temperature'] == T}
+          rel.append(sel[name] / max(v for n, v in sel.items() if n.startswith(f'{kind} k=')))
+      by_variant[name] = round(statistics.mean(rel), 3)
+    if by_variant:
+      summary.setdefault(kind, {})['mean_ratio_to_best_fixed_k_by_variant'] = dict(
+          sorted(by_variant.items()))
   print('\n| domain | T | variant | tok/s | speedup vs AR | tokens/call |')
   print('|---|---|---|---|---|---|')
   for r in rows:
