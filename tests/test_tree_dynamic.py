@@ -38,19 +38,25 @@ def _table_expand(logp):
   return lambda level, h, d: (jnp.asarray(logp)[level], None)
 
 
-def test_dynamic_tree_worked_example():
-  """Depth 2, top 2, budget 3. From the pending token 5 the drafter gives
-  0 (0.6) and 1 (0.3); after 0: 2 (0.9), 3 (0.05); after 1: 4 (0.5), 5
-  (0.4). Path scores: 0 -0.51, 0>2 -0.62, 1 -1.20, 1>4 -1.90, 1>5 -2.12,
-  0>3 -3.51: the tree is 5 -> {0 -> {2}, 1}, numbered by score."""
+def _worked_example(rows):
+  """The worked example's tree (depth 2, top 2, budget 3, V = 6) for `rows`
+  rows with the pending token 5."""
   V = 6
   probs = np.full((V, V), 1e-4)
   probs[5, [0, 1]] = [0.6, 0.3]
   probs[0, [2, 3]] = [0.9, 0.05]
   probs[1, [4, 5]] = [0.5, 0.4]
   tree = tree_lib.DynamicTree(nodes=3, depth=2, topk=2)
-  nodes, t = tree_proposals.propose_dynamic(tree, jnp.array([5]), None,
-                                            _table_expand(np.log(probs)), jnp.arange(V))
+  return tree_proposals.propose_dynamic(tree, jnp.full((rows,), 5), None,
+                                        _table_expand(np.log(probs)), jnp.arange(V))
+
+
+def test_dynamic_tree_worked_example():
+  """Depth 2, top 2, budget 3. From the pending token 5 the drafter gives
+  0 (0.6) and 1 (0.3); after 0: 2 (0.9), 3 (0.05); after 1: 4 (0.5), 5
+  (0.4). Path scores: 0 -0.51, 0>2 -0.62, 1 -1.20, 1>4 -1.90, 1>5 -2.12,
+  0>3 -3.51: the tree is 5 -> {0 -> {2}, 1}, numbered by score."""
+  nodes, t = _worked_example(rows=1)
   assert nodes[0].tolist() == [5, 0, 2, 1]
   assert t.parents[0].tolist() == [0, 0, 1, 0] and t.depths[0].tolist() == [0, 1, 2, 1]
   assert t.children[0].tolist() == [[1, 3], [2, -1], [-1, -1], [-1, -1]]
@@ -137,13 +143,7 @@ def test_greedy_acceptance_follows_the_matching_path_of_each_row():
   """accept_greedy on per-row tables: the target's argmax after each node is
   set so that row 0 matches 0 -> 2 (depth 2) and row 1 matches only 1."""
   V = 6
-  probs = np.full((V, V), 1e-4)
-  probs[5, [0, 1]] = [0.6, 0.3]
-  probs[0, [2, 3]] = [0.9, 0.05]
-  probs[1, [4, 5]] = [0.5, 0.4]
-  tree = tree_lib.DynamicTree(nodes=3, depth=2, topk=2)
-  nodes, t = tree_proposals.propose_dynamic(tree, jnp.array([5, 5]), None,
-                                            _table_expand(np.log(probs)), jnp.arange(V))
+  nodes, t = _worked_example(rows=2)
   # nodes per row: [5, 0, 2, 1]; argmax wanted after each node.
   want = np.array([[0, 2, 4, 3], [1, 3, 3, 4]])
   logits = jax.nn.one_hot(jnp.asarray(want), V) * 5.0
