@@ -238,7 +238,8 @@ CHAIN = ('', 'none', 'chain')
 
 def parse(spec):
   """'' / 'none' / 'chain' -> None; 'auto' -> 'auto'; '4,2,1', '4x2x1' or a
-  sequence of ints -> TreeShape. UserError (one line) otherwise."""
+  sequence of ints -> TreeShape; 'dyn8', 'dyn6-d3-k2' -> DynamicTree.
+  UserError (one line) otherwise."""
   if isinstance(spec, (TreeShape, DynamicTree)) or spec is None:
     return spec
   if isinstance(spec, (list, tuple)):
