@@ -214,7 +214,7 @@ def main(_):
              device=f'{device.platform}: {device.device_kind}', prompts=sets, results=results)
   if _OUT.value:
     pathlib.Path(_OUT.value).write_text(json.dumps(out, indent=1))
-  print(f'\n{out["device"]}, {_WEIGHTS.value} weights, {_DTYPE.value}, '
+  print(f'\n{out["device"]}, {_WEIGHTS.value} weights in {out["param_dtype"]}, '
         f'{new_tokens} new tokens per prompt, greedy\n')
   print('| prompts | batch | drafter (k) | AR ms/step | verify ms/round | verify / step | '
         'tokens/call | measured speedup | projected speedup | source measured |')
