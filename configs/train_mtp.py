@@ -42,7 +42,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.seq_len = 256
   # Self-distilled data (configs/distill_data.py's folder) instead of the
   # teacher-forced features of `data`; held-out rows by prompt source.
-  c.shards = ''
+  c.shards = ''                # a folder, or several comma-separated (other seeds)
   c.shard_count = 0             # use the first N shards (0: all listed at start)
   c.shard_rows_kind = 'all'     # all | greedy | sampled rows
   c.max_tokens = 120_000        # training tokens (held-out adds heldout_fraction of it)

@@ -55,14 +55,8 @@ class ShardFeatures:
                 labels=self.labels[idx], **big)
 
 
-def load(c, target, kv_layers, workdir: pathlib.Path, log=print):
-  """-> (train ShardFeatures, held-out ShardFeatures, a name for run.json).
-
-  Uses the first `c.shard_count` shards (0: all listed now); a resumed
-  training run reuses the count its run.json recorded, so its data do not
-  grow under it while the generator keeps appending.
-  """
-  folder = pathlib.Path(c.shards)
+def _open_folder(folder: pathlib.Path, c, kv_layers):
+  """The manifest of one shard folder, checked against the training run."""
   m = shards.load_manifest(folder)
   if m is None:
     raise UserError(f'shards={folder}: no {shards.MANIFEST} there (distill_data writes it)')
@@ -77,36 +71,76 @@ def load(c, target, kv_layers, workdir: pathlib.Path, log=print):
   if list(ident.get('kv_layers', [])) != list(kv_layers):
     raise UserError(f'shards={folder} store the KV of layers {ident.get("kv_layers")}, '
                     f'training reads {list(kv_layers)}')
+  return m
+
+
+def _stream(ident) -> str:
+  """What fixes a folder's prompt stream: two folders alike here hold the same rows."""
+  return json.dumps({k: ident.get(k) for k in ('seed', 'data_digest', 'greedy_fraction',
+                                               'temperature', 'min_prompt_tokens',
+                                               'max_prompt_tokens', 'max_new_tokens')},
+                    sort_keys=True)
+
+
+def load(c, target, kv_layers, workdir: pathlib.Path, log=print):
+  """-> (train ShardFeatures, held-out ShardFeatures, a name for run.json).
+
+  `c.shards` is one folder or several, comma-separated (written with other
+  seeds: a folder holding the same prompt stream as another is refused).
+  Uses the first `c.shard_count` shards of a single folder (0: all listed
+  now); a resumed training run reuses the counts its run.json recorded, so
+  its data do not grow under it while a generator keeps appending.
+  """
+  folders = [pathlib.Path(f.strip()) for f in str(c.shards).split(',') if f.strip()]
   if c.shard_rows_kind not in KINDS:
     raise UserError(f'shard_rows_kind must be one of {", ".join(KINDS)}, got {c.shard_rows_kind!r}')
-  count = c.shard_count or len(m['shards'])
+  if c.shard_count and len(folders) > 1:
+    raise UserError(f'shard_count={c.shard_count} applies to one shard folder; '
+                    f'shards lists {len(folders)}')
+  manifests = [_open_folder(f, c, kv_layers) for f in folders]
+  streams = {}
+  for f, m in zip(folders, manifests):
+    other = streams.setdefault(_stream(m['identity']), f)
+    if other != f:
+      raise UserError(f'shards={f} holds the same prompt stream as {other} (same seed and '
+                      'data settings); write one of them with another seed')
+  counts = [c.shard_count or len(m['shards']) for m in manifests]
   meta = workdir / 'run.json'
   if meta.is_file():
     old = json.loads(meta.read_text()).get('features', '')
     if old.startswith('shards:'):
-      count = int(old.rsplit(':', 1)[1])
-  if count > len(m['shards']) or count < 1:
-    raise UserError(f'shards={folder} lists {len(m["shards"])} shards; {count} wanted')
+      recorded = [int(n) for n in old.rsplit(':', 1)[1].split('+')]
+      if len(recorded) != len(folders):
+        raise UserError(f'the run in {workdir} trained on {len(recorded)} shard folder(s), '
+                        f'shards lists {len(folders)}; use the same shards or a new workdir')
+      counts = recorded
   parts, sel = [], {'train': [], 'heldout': []}
-  for p, e in enumerate(m['shards'][:count]):
-    arr = shards.open_mmap(folder, e)
-    parts.append(arr)
-    for r in range(e['rows']):
-      if c.shard_rows_kind != 'all' and bool(arr['greedy'][r]) != (c.shard_rows_kind == 'greedy'):
-        continue
-      split = 'heldout' if is_heldout(str(arr['source'][r]), c.heldout_fraction) else 'train'
-      sel[split].append((p, r))
+  for folder, m, count in zip(folders, manifests, counts):
+    if count > len(m['shards']) or count < 1:
+      raise UserError(f'shards={folder} lists {len(m["shards"])} shards; {count} wanted')
+    for e in m['shards'][:count]:
+      arr = shards.open_mmap(folder, e)
+      p = len(parts)
+      parts.append(arr)
+      for r in range(e['rows']):
+        if c.shard_rows_kind != 'all' and bool(arr['greedy'][r]) != (c.shard_rows_kind == 'greedy'):
+          continue
+        split = 'heldout' if is_heldout(str(arr['source'][r]), c.heldout_fraction) else 'train'
+        sel[split].append((p, r))
   if not sel['heldout'] and len(sel['train']) > 1:      # too few sources for the hash split
     n = max(1, int(len(sel['train']) * c.heldout_fraction))
     sel['heldout'], sel['train'] = sel['train'][-n:], sel['train'][:-n]
   out = {}
   for split, rows in sel.items():
     if not rows:
-      raise UserError(f'shards={folder} gave no {split} rows ({c.shard_rows_kind}); '
+      raise UserError(f'shards={c.shards} gave no {split} rows ({c.shard_rows_kind}); '
                       'generate more or change shard_rows_kind')
     out[split] = ShardFeatures(parts, np.asarray(rows, np.int64).reshape(-1, 2))
-  tokens = int(sum(e['new_tokens'] for e in m['shards'][:count]))
-  log(f'shards: {count} of {len(m["shards"])} in {folder} ({tokens} generated tokens, sha256 '
-      f'checked); {len(out["train"])} train / {len(out["heldout"])} held-out rows '
-      f'({c.shard_rows_kind})')
-  return out['train'], out['heldout'], f'shards:{ident["data_digest"]}:{c.shard_rows_kind}:{count}'
+  for folder, m, count in zip(folders, manifests, counts):
+    tokens = int(sum(e['new_tokens'] for e in m['shards'][:count]))
+    log(f'shards: {count} of {len(m["shards"])} in {folder} ({tokens} generated tokens, '
+        'sha256 checked)')
+  log(f'{len(out["train"])} train / {len(out["heldout"])} held-out rows ({c.shard_rows_kind})')
+  digests = '+'.join(m['identity']['data_digest'] for m in manifests)
+  return (out['train'], out['heldout'],
+          f'shards:{digests}:{c.shard_rows_kind}:{"+".join(map(str, counts))}')

@@ -265,6 +265,38 @@ def test_train_from_shards(full, tmp_path, loss, kind):
   assert (tmp_path / 'w' / 'drafter').is_dir()
 
 
+def test_train_from_several_shard_folders(full, tmp_path):
+  """shards='a,b' trains on both folders' rows (another seed: another prompt
+  stream); a folder holding the same stream as another, a shard_count over
+  several folders, and a resumed run given other folders are refused."""
+  from configs import train_mtp
+  other = tmp_path / 'seed1'
+  jobs.run(config(other, seed=1, max_prompts=16))
+
+  def cfg(shards_, work, **kw):
+    c = train_mtp.get_config('tiny')
+    c.shards, c.steps, c.batch_size, c.warmup_steps = shards_, 2, 4, 1
+    c.eval_every = c.checkpoint_every = 2
+    c.eval_rows, c.log_every, c.heldout_fraction = 8, 1, 0.2
+    c.workdir, c.output = str(tmp_path / work), ''
+    for k, v in kw.items():
+      c[k] = v
+    return c
+  one = jobs.run(cfg(str(full), 'w1'))
+  both = jobs.run(cfg(f'{full},{other}', 'w2'))
+  assert both['train_windows'] + both['heldout_windows'] == \
+      one['train_windows'] + one['heldout_windows'] + 16
+  assert json.loads((tmp_path / 'w2' / 'run.json').read_text())['features'].endswith(':3+1')
+  twin = tmp_path / 'twin'
+  shutil.copytree(full, twin)
+  with pytest.raises(UserError, match='same prompt stream'):
+    jobs.run(cfg(f'{full},{twin}', 'w3'))
+  with pytest.raises(UserError, match='applies to one shard folder'):
+    jobs.run(cfg(f'{full},{other}', 'w4', shard_count=1))
+  with pytest.raises(UserError, match='trained on 1 shard folder'):
+    jobs.run(cfg(f'{full},{other}', 'w1'))
+
+
 def test_train_from_shards_refuses_bad_folders(full, tmp_path):
   from configs import train_mtp
   c = train_mtp.get_config('tiny')
