@@ -78,7 +78,9 @@ REPETITIVE = [[2, 10, 11, 12, 10, 11, 12, 10, 11], [2, 5, 6, 5, 7, 5, 6, 5], [2,
 def test_greedy_tree_equals_autoregressive(tiny):
   """heads (Medusa product of top-b) and ngram (b chains) trees, ragged
   batch rows: the AR tokens exactly; with the AR output itself as the
-  context, ngram's tree accepts whole paths (fewer target calls)."""
+  context, ngram's tree accepts whole paths (fewer target calls). (A row
+  alone == its batch row: test_batch_rows_equal_solo_runs, and for mtp and
+  heads test_tree_dynamic.py's greedy test.)"""
   cfg, params = tiny
   gen_ar = lambda prompts: run_tree(cfg, params, prompts, None, None, None)
   ar = gen_ar(PROMPTS + REPETITIVE)
@@ -91,8 +93,6 @@ def test_greedy_tree_equals_autoregressive(tiny):
   for name, (d, dp, shape) in cases.items():
     sp = run_tree(cfg, params, PROMPTS + REPETITIVE, d, dp, shape, batch_size=9)
     assert [s['completion_ids'] for s in sp] == [a['completion_ids'] for a in ar], name
-    solo = run_tree(cfg, params, [PROMPTS[2]], d, dp, shape)[0]
-    assert solo['completion_ids'] == ar[2]['completion_ids'], name
   # The AR continuation repeated: ngram finds it, the tree accepts deep paths.
   loop = ar[0]['prompt_ids'] + ar[0]['completion_ids'] + ar[0]['prompt_ids'][1:]
   d, _, shape = cases['ngram']
@@ -169,8 +169,8 @@ def test_mtp_tree_of_single_children_is_the_greedy_chain(tiny):
   chain = gen.draft_part(params, state, dp)                              # [B, 3]
   view = drafters.TargetView(embedding=params['embedding'], cache=state.cache,
                              hidden=state.hidden)
-  nodes, _ = tree_proposals.propose(d, tree_lib.TreeShape((1, 1, 1)), dp, state.tokens,
-                                    state.lengths, view)
+  nodes, _, _ = tree_proposals.propose(d, tree_lib.TreeShape((1, 1, 1)), dp, state.tokens,
+                                       state.lengths, view)
   assert (nodes[:, 1:] == chain).all()
   assert (nodes[:, 0] == state.tokens[jnp.arange(5), state.lengths - 1]).all()
 
@@ -385,7 +385,7 @@ def test_trace_of_rounds_replays_the_completion(tiny):
   one target token per round give the completion, one round per verify
   call. ngram's tree on a repetitive context (deep paths; it may abstain, so
   no replay): one round per verify call, the accepted path's drafts. Trace
-  off: the same completions and no `rounds`."""
+  off (a chain and a tree): the same completions and no `rounds`."""
   cfg, params = tiny
   mtp, mtp_params = trained_drafter(cfg, 'mtp', 3)
   ar = run_tree(cfg, params, PROMPTS[:1], None, None, None)[0]
@@ -400,10 +400,12 @@ def test_trace_of_rounds_replays_the_completion(tiny):
   for name, prompts, d, dp, shape in cases:
     kw = dict(cache_size=96, bucket_len=32) if name == 'ngram tree' else {}
     on = _traced(cfg, params, prompts, d, dp, shape, True, **kw)
-    off = _traced(cfg, params, prompts, d, dp, shape, False, **kw)
-    for r, plain in zip(on, off):
-      assert 'rounds' not in plain
-      assert {k: v for k, v in r.items() if k != 'rounds'} == plain, name
+    if name in ('self chain', 'ngram tree'):   # each off run is another compile
+      off = _traced(cfg, params, prompts, d, dp, shape, False, **kw)
+      for r, plain in zip(on, off):
+        assert 'rounds' not in plain
+        assert {k: v for k, v in r.items() if k != 'rounds'} == plain, name
+    for r in on:
       assert r['draft_calls'] == len(r['rounds']), name
       if name != 'ngram tree':        # ngram may abstain (plain steps are not rounds)
         assert r['draft_calls'] == r['target_calls'], name
