@@ -51,7 +51,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   # in one target pass. '' = a chain (draft_len drafts); auto = the shape
   # measured best for the drafter (tree.AUTO); or the branching per depth,
   # e.g. '4,2,1' (or 4x2x1): 4 first tokens, 2 continuations of each, 1 of
-  # each of those = 1 + 4 + 8 + 8 = 21 verify rows; or a dynamic tree
+  # each of those = 1 + 4 + 8 + 8 = 21 verify rows ('4x2x1-s': at T > 0 the
+  # siblings are drawn from the drafter's q, not its top-b); or a dynamic tree
   # (EAGLE-2), 'dyn8' or 'dyn8-d4-k4': per row and round the 8 best-scoring
   # nodes of the drafter's expansions, 9 verify rows (mtp, heads). The tree's
   # depth is the draft length (draft_len is not used) and its rounds are

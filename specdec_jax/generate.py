@@ -354,24 +354,29 @@ class Generator:
     """One tree round (tree.py). As in `_step`, a drafter that can abstain
     makes the round a plain step when no unfinished row has a proposal."""
     view = TargetView(embedding=params['embedding'], cache=state.cache, hidden=state.hidden)
-    nodes, tables = tree_proposals.propose(self.drafter, self.tree, drafter_params,
-                                           state.tokens, state.lengths, view)   # [B, T]
+    sample = None
+    if not self.greedy:   # the draft keys of a chain round (`_draft`)
+      keys = jax.vmap(jax.random.fold_in)(state.batch.keys, state.lengths)
+      sample = (jax.vmap(lambda key: jax.random.split(key))(keys)[:, 0], state.batch)
+    nodes, tables, q = tree_proposals.propose(self.drafter, self.tree, drafter_params,
+                                              state.tokens, state.lengths, view, sample)
     if not hasattr(self.drafter, 'has_draft'):
-      return self._tree_round(params, state, nodes, tables)
+      return self._tree_round(params, state, nodes, tables, q=q)
     offered = self.drafter.has_draft(state.tokens, state.lengths)       # [B]
     return jax.lax.cond(
         jnp.all(~offered | state.done),
         lambda s: self._plain_step(params, drafter_params, s),
-        lambda s: self._tree_round(params, s, nodes, tables, offered), state)
+        lambda s: self._tree_round(params, s, nodes, tables, offered, q), state)
 
-  def _tree_round(self, params, state: DecodeState, nodes, tables, offered=None):
+  def _tree_round(self, params, state: DecodeState, nodes, tables, offered=None, q=None):
     """Verify a tree in one target call -> accept a path per row -> write.
 
     nodes [B, T]: node tokens (node 0 the pending token), T = tree.num_nodes;
     tables: each row's tree (tree.Tables; the same for every row with a
     static shape). offered ([B] bool or None = all): a row offering no tree
     accepts nothing and draws its token as `_ar_step` would (same key), as
-    in `_spec_round`.
+    in `_spec_round`. q [B, T, V]: the distribution each node was drawn
+    from (sampled siblings), None for ranked proposals.
     """
     b = state.batch
     B, T = nodes.shape
@@ -391,7 +396,7 @@ class Generator:
       rep = lambda x: jnp.repeat(x, T)
       p = sampling.warp(logits.reshape(B * T, -1), rep(b.temperature), rep(b.top_k),
                         rep(b.top_p)).reshape(B, T, -1)
-      best, nxt = tree_lib.accept_sampled(tables, accept_keys, nodes, p)
+      best, nxt = tree_lib.accept_sampled(tables, accept_keys, nodes, p, q)
     if offered is not None:
       ar = self.next_tokens(logits[:, 0], b, L, None if p is None else p[:, 0])
       best = jnp.where(offered, best, 0)

@@ -35,8 +35,13 @@ Acceptance, per row:
             whose q_j is one-hot(x_j) (`draft_probs=None`): then x_j is
             accepted with probability p(x_j) and p loses x_j on rejection.
             The proposals (tree_proposals.py: heads, mtp: top-b; ngram:
-            matches; the dynamic trees: top-scoring nodes) are all
-            deterministic.
+            matches; the dynamic trees: top-scoring nodes) are
+            deterministic, except a sampled shape's (`2x1-s`): its
+            siblings are drawn from q without replacement, sibling j from
+            q with siblings 1..j-1 removed and renormalised, and that is
+            its q_j (drawn given the earlier siblings, which is all the
+            rule needs: the rest of the walk draws from the residual
+            whatever x_j was).
 
 Dynamic trees (`DynamicTree(nodes, depth, topk)`, EAGLE-2's expansion): the
 shape differs per row and per round, within a static budget of `nodes`
@@ -98,8 +103,12 @@ def _layout(branching: Tuple[int, ...]):
 
 @dataclasses.dataclass(frozen=True)
 class TreeShape:
-  """A static draft tree: `branching[d]` children per node at depth d."""
+  """A static draft tree: `branching[d]` children per node at depth d.
+  sampled: when the loop samples (T > 0), each node's children are drawn
+  from the drafter's q without replacement instead of being its top-b
+  tokens (spec suffix `-s`; tree_proposals.propose_sampled)."""
   branching: Tuple[int, ...]
+  sampled: bool = False
 
   def __post_init__(self):
     b = tuple(self.branching)
@@ -242,6 +251,7 @@ def parse(spec):
   UserError (one line) otherwise."""
   if isinstance(spec, (TreeShape, DynamicTree)) or spec is None:
     return spec
+  sampled = False
   if isinstance(spec, (list, tuple)):
     items = list(spec)
   else:
@@ -252,14 +262,15 @@ def parse(spec):
       return 'auto'
     if text.startswith('dyn'):
       return parse_dynamic(text)
-    items = [x.strip() for x in text.replace('x', ',').split(',')]
+    sampled = text.endswith('-s')
+    items = [x.strip() for x in text.removesuffix('-s').replace('x', ',').split(',')]
   try:
     branching = tuple(int(x) for x in items)
   except (TypeError, ValueError):
     raise UserError(f'tree {spec!r}: use \'\' (a chain), auto, a branching factor per depth '
-                    'such as 4,2,1 (or 4x2x1), or a dynamic tree such as dyn8 or '
-                    'dyn8-d4-k4') from None
-  return TreeShape(branching)
+                    'such as 4,2,1 (or 4x2x1, 4x2x1-s for siblings sampled from the '
+                    'drafter), or a dynamic tree such as dyn8 or dyn8-d4-k4') from None
+  return TreeShape(branching, sampled)
 
 
 def parse_dynamic(text: str) -> DynamicTree:
@@ -288,15 +299,19 @@ def resolve(spec, kind: str):
     raise UserError(f'tree drafting needs an ngram, heads or mtp drafter, not {kind}')
   if shape == 'auto':
     return AUTO[kind]
-  check_dynamic_kind(shape, kind)
+  check_kind(shape, kind)
   return shape
 
 
-def check_dynamic_kind(shape, kind: str) -> None:
-  """UserError for a dynamic tree from a drafter without probabilities."""
+def check_kind(shape, kind: str) -> None:
+  """UserError for a dynamic tree, or sampled siblings, from a drafter
+  without probabilities."""
   if isinstance(shape, DynamicTree) and kind == 'ngram':
     raise UserError(f'tree {label(shape)}: a dynamic tree ranks nodes by the drafter\'s '
                     'probabilities, which ngram has not; use a static shape such as 3x1x1')
+  if getattr(shape, 'sampled', False) and kind == 'ngram':
+    raise UserError(f'tree {label(shape)}: sampled siblings are drawn from the drafter\'s '
+                    'probabilities, which ngram has not; drop the -s')
 
 
 def label(shape) -> str:
@@ -306,7 +321,7 @@ def label(shape) -> str:
     return 'chain'
   if isinstance(shape, DynamicTree):
     return f'dyn{shape.nodes}-d{shape.depth}-k{shape.topk}'
-  return 'x'.join(map(str, shape.branching))
+  return 'x'.join(map(str, shape.branching)) + ('-s' if shape.sampled else '')
 
 
 def describe(shape):
@@ -314,7 +329,9 @@ def describe(shape):
   of a dynamic one, None for a chain."""
   if shape is None:
     return None
-  return label(shape) if isinstance(shape, DynamicTree) else list(shape.branching)
+  if isinstance(shape, DynamicTree) or shape.sampled:
+    return label(shape)
+  return list(shape.branching)
 
 
 def check_fits(shape, longest_prompt: int, max_new_tokens: int, cache_size: int):
@@ -429,7 +446,7 @@ def check_drafter(drafter, shape):
   if drafter is None or not isinstance(drafter, kinds):
     raise UserError(f'tree drafting needs an ngram, heads or mtp drafter, not '
                     f'{type(drafter).__name__}')
-  check_dynamic_kind(shape, 'ngram' if isinstance(drafter, drafters.NgramDrafter) else '')
+  check_kind(shape, 'ngram' if isinstance(drafter, drafters.NgramDrafter) else '')
   if drafter.draft_len != shape.depth:
     raise UserError(f'tree {label(shape)} is {shape.depth} deep: the drafter\'s draft_len '
                     f'({drafter.draft_len}) must equal it')

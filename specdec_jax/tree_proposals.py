@@ -1,7 +1,7 @@
 """Tree proposals: the node tokens of each row's draft tree (node 0 = the
 pending token), and for dynamic trees their per-row structure.
 
-    nodes, tables = tree_proposals.propose(drafter, shape, params, tokens, lengths, target)
+    nodes, tables, q = tree_proposals.propose(drafter, shape, params, tokens, lengths, target)
 
 Static shapes (tree.TreeShape): `mtp` expands every node of a depth by the
 drafter's top-b tokens given the path to it (EAGLE's static tree); `heads`
@@ -18,13 +18,20 @@ and sorted by score it numbers parents before children. Every choice reads
 the drafter's outputs only, never the target's verdict, and siblings are
 distinct tokens: the acceptance rules of tree.py stay exact.
 
-All proposals are deterministic given the context (the sampled acceptance
-treats them as one-hot draft distributions).
+All these proposals are deterministic given the context (the sampled
+acceptance treats them as one-hot draft distributions). A sampled shape
+(`TreeShape(.., sampled=True)`, spec `2x1-s`) instead draws each node's
+children from the drafter's warped distribution q without replacement (the
+Gumbel top-b), when the loop samples; the acceptance then reads each
+child's own q (`propose_sampled`). Top-b siblings are accepted with p(x)
+alone, which at T = 1 loses to a sampled chain's min(1, p/q); sampled
+siblings keep that rule.
 """
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from specdec_jax import sampling
 from specdec_jax.errors import UserError
 from specdec_jax.tree import DynamicTree, TreeShape, build_tables, label, tables_of
 
@@ -154,6 +161,52 @@ def propose_dynamic(tree: DynamicTree, pending, h, expand, vocab):
   return take(pool['token']), tables
 
 
+def sample_children(logits, b: int, key, batch, vocab, vocab_size: int):
+  """b children per node drawn without replacement from q = warp(logits).
+
+  logits [B, n, V'] (the drafter's, over its head's ids), key [B], batch
+  the rows' sampling settings, vocab [V'] -> target ids. Returns (tokens
+  [B, n * b] parent-major, q_j [B, n * b, V]: the distribution child j was
+  drawn from, given its earlier siblings: q with them removed, renormalised,
+  or one-hot on the child where nothing is left (a deterministic proposal:
+  T = 0 rows, top-k smaller than b)). The Gumbel top-b of log q is a draw
+  without replacement in order, so child j ~ q_j."""
+  B, n, R = logits.shape
+  rep = lambda x: jnp.repeat(x, n)
+  q = sampling.warp(logits.reshape(B * n, R), rep(batch.temperature), rep(batch.top_k),
+                    rep(batch.top_p)).reshape(B, n, R)
+  u = jax.vmap(lambda k: jax.random.uniform(k, (n, R), minval=1e-20, maxval=1.0))(key)
+  gumbel = -jnp.log(-jnp.log(u))
+  idx = jax.lax.top_k(jnp.log(q) + gumbel, b)[1]                         # [B, n, b] in draw order
+  taken = jax.nn.one_hot(idx, R, dtype=q.dtype)                          # [B, n, b, R]
+  earlier = jnp.cumsum(taken, axis=2) - taken                            # siblings before j
+  q_j = q[:, :, None] * (1.0 - earlier)
+  mass = jnp.sum(q_j, axis=-1, keepdims=True)
+  q_j = jnp.where(mass > 0, q_j / jnp.where(mass > 0, mass, 1.0), taken)
+  full = jnp.zeros((B, n * b, vocab_size), jnp.float32)
+  full = full.at[:, :, vocab].set(q_j.reshape(B, n * b, R), unique_indices=True)
+  return vocab[idx].reshape(B, n * b).astype(jnp.int32), full
+
+
+def propose_sampled(shape: TreeShape, pending, h, expand, vocab, key, batch, vocab_size):
+  """A static shape whose children are drawn (`sample_children`), not
+  ranked. expand(level [B, n], h, depth) -> (logits [B, n, V'], the
+  children's state) as for dynamic trees. Returns (node tokens [B, T],
+  draft_probs [B, T, V]: node i's q_j; the root's row is zero)."""
+  B = pending.shape[0]
+  level, out = pending[:, None].astype(jnp.int32), [pending[:, None].astype(jnp.int32)]
+  probs = [jnp.zeros((B, 1, vocab_size), jnp.float32)]
+  for d, b in enumerate(shape.branching):
+    logits, h = expand(level, h, d)                                      # [B, n, V']
+    level, q = sample_children(logits, b, jax.vmap(jax.random.fold_in, (0, None))(key, d),
+                               batch, vocab, vocab_size)
+    if h is not None:
+      h = jnp.repeat(h, b, axis=1)                                       # children's state
+    out.append(level)
+    probs.append(q)
+  return jnp.concatenate(out, 1), jnp.concatenate(probs, 1)
+
+
 def propose_ngram(drafter, shape: TreeShape, tokens, lengths):
   """A trie from prompt lookup: the continuations of the M best earlier
   occurrences of the context's last n tokens (longest n first, then most
@@ -207,28 +260,42 @@ def propose_ngram(drafter, shape: TreeShape, tokens, lengths):
   return jnp.stack(out, 1).astype(jnp.int32)
 
 
-def propose(drafter, shape, params, tokens, lengths, target):
-  """(node tokens [B, T], Tables) of the drafter's tree (node 0 = the
-  pending token): a TreeShape's layout or a DynamicTree's chosen nodes."""
+def _expander(drafter, shape, params, tokens, lengths, target):
+  """(expand(level, h, depth) -> (children's logits [B, n, V'], their
+  state), the root's state) for an mtp or heads drafter."""
+  from specdec_jax import drafters
+  if isinstance(drafter, drafters.MTPDrafter):
+    mtp = _mtp_expander(drafter, params, lengths, target)
+    return (lambda level, h, d: mtp(level, h)), target.hidden[:, None]
+  if isinstance(drafter, drafters.HeadsDrafter):
+    logits = _heads_logits(drafter, shape.depth, params, tokens, lengths, target)
+    return (lambda level, h, d: (jnp.broadcast_to(
+        logits[:, d][:, None], level.shape + logits.shape[-1:]), None)), None
+  raise UserError(f'tree {label(shape)} needs an mtp or heads drafter, not '
+                  f'{type(drafter).__name__}')
+
+
+def propose(drafter, shape, params, tokens, lengths, target, sample=None):
+  """(node tokens [B, T], Tables, draft_probs [B, T, V] or None) of the
+  drafter's tree (node 0 = the pending token): a TreeShape's layout or a
+  DynamicTree's chosen nodes. sample = (keys [B], batch) when the loop
+  samples: a sampled shape then draws its siblings (draft_probs = their
+  q_j); None (greedy) gives every shape its ranked proposals."""
   from specdec_jax import drafters
   B = tokens.shape[0]
   if isinstance(shape, DynamicTree):
-    pending = _pending(tokens, lengths)
-    if isinstance(drafter, drafters.MTPDrafter):
-      mtp = _mtp_expander(drafter, params, lengths, target)
-      expand = lambda level, h, d: mtp(level, h)
-      return propose_dynamic(shape, pending, target.hidden[:, None], expand, params['vocab'])
-    if isinstance(drafter, drafters.HeadsDrafter):
-      logits = _heads_logits(drafter, shape.depth, params, tokens, lengths, target)
-      expand = lambda level, h, d: (jnp.broadcast_to(
-          logits[:, d][:, None], level.shape + logits.shape[-1:]), None)
-      return propose_dynamic(shape, pending, None, expand, params['vocab'])
-    raise UserError(f'tree {label(shape)} needs an mtp or heads drafter, not '
-                    f'{type(drafter).__name__}')
+    expand, h = _expander(drafter, shape, params, tokens, lengths, target)
+    return (*propose_dynamic(shape, _pending(tokens, lengths), h, expand, params['vocab']),
+            None)
+  if shape.sampled and sample is not None:
+    expand, h = _expander(drafter, shape, params, tokens, lengths, target)
+    nodes, q = propose_sampled(shape, _pending(tokens, lengths), h, expand, params['vocab'],
+                               *sample, drafter.config.target.vocab_size)
+    return nodes, tables_of(shape, B), q
   if isinstance(drafter, drafters.NgramDrafter):
     nodes = propose_ngram(drafter, shape, tokens, lengths)
   elif isinstance(drafter, drafters.MTPDrafter):
     nodes = propose_mtp(drafter, shape, params, tokens, lengths, target)
   else:
     nodes = propose_heads(drafter, shape, params, tokens, lengths, target)
-  return nodes, tables_of(shape, B)
+  return nodes, tables_of(shape, B), None
