@@ -26,6 +26,22 @@ weights on the machine that measured the source, the projection sits beside
 that measured speedup: a check that a round's cost does not depend on the
 weights' values.
 
+Trees (`--drafters=mtp:dyn4-d3-k2,ngram:3x1x1`, #18) are timed and
+projected the same way, a tree round standing for a verify round: its cost
+depends on the node count, not on which nodes a dynamic tree picks, so
+random weights time it as well as real ones.
+
+The draft-length policy (`--drafters=mtp:1,mtp:2,mtp:4,mtp:4:dynamic`,
+#17) chooses among lengths from their costs, so its projection goes the
+other way round: time the chain entries on M first (random weights), then
+run here with `--policy_costs_from=<M's JSON>`: the policy decides with
+M's costs (it would draft longer where a verify pass is cheap), and its
+rounds by length priced at M's costs give the speedup on M
+(`projected_speedup_range`: a round that drafted k and verified j costs
+between c(j) and c(k)). Without the flag it runs on this machine's chain
+costs of the same run, and the range sits beside the measured speedup (the
+check of the method).
+
 Timing: the whole on-device loop (`Generator.decode`, prefill excluded), one
 compile per (batch size, drafter), then `repeats` runs per batch, median; a
 verify round's cost = (loop time - abstained rounds x AR step) / verify
@@ -43,12 +59,18 @@ from absl import app, flags
 import jax
 
 from specdec_jax import api, config as config_lib, generate, precision, sweep
+from specdec_jax import policy as policy_lib
+from specdec_jax import tree as tree_lib
+from specdec_jax.errors import UserError
 from specdec_jax.model import init_params
 from specdec_jax.targets import Target, load_target
 
 _WEIGHTS = flags.DEFINE_enum('weights', 'gguf', ['gguf', 'random'],
                              'gguf: the Gemma 3 270M weights; random: the same shapes, random values.')
-_DRAFTERS = flags.DEFINE_list('drafters', ['ngram:4', 'ngram:8', 'mtp:4'], 'kind:k entries.')
+_DRAFTERS = flags.DEFINE_list('drafters', ['ngram:4', 'ngram:8', 'mtp:4'],
+                               'kind:k (a chain of k), kind:tree (a draft tree, e.g. '
+                               'mtp:dyn4-d3-k2, ngram:3x1x1) or kind:K:dynamic (the draft-'
+                               'length policy up to K) entries.')
 _SETS = flags.DEFINE_list('prompt_sets', ['repetitive', 'code'], 'Prompt sets.')
 _BATCH = flags.DEFINE_list('batch_sizes', ['1'], 'Batch sizes (prompts repeat to fill rows).')
 _N = flags.DEFINE_integer('prompts', 3, 'Prompts per set.')
@@ -58,6 +80,10 @@ _PARAM_DTYPE = flags.DEFINE_enum('param_dtype', 'auto', ['auto', 'bfloat16', 'fl
                                  'Weight dtype (auto: precision.resolve); activations float32.')
 _FROM = flags.DEFINE_string('acceptance_from', '', 'A JSON this script wrote with real weights: '
                             'its prompts, new_tokens and round counts are used here.')
+_POLICY_FROM = flags.DEFINE_string(
+    'policy_costs_from', '', 'A JSON this script wrote on machine M (its batch-1 chain entries '
+    'of each k the policy may choose): kind:K:dynamic entries run the policy with M\'s round '
+    'costs and project its speedup on M. Without it they use this run\'s chain entries.')
 _OUT = flags.DEFINE_string('output', '', 'Write the results JSON here.')
 
 
@@ -74,14 +100,42 @@ def read_source():
     raise SystemExit(f'error: --acceptance_from={_FROM.value}: {e}') from None
 
 
+def read_policy_source():
+  """(results, device) of --policy_costs_from ([] and '' without one)."""
+  if not _POLICY_FROM.value:
+    return [], ''
+  try:
+    src = json.loads(pathlib.Path(_POLICY_FROM.value).read_text())
+    return list(src['results']), str(src['device'])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise SystemExit(f'error: --policy_costs_from={_POLICY_FROM.value}: {e}') from None
+
+
 def parse_drafters():
-  """[(kind, k)] from 'kind:k' entries."""
+  """[(kind, k, tree shape, 'dynamic' or None)] from 'kind:k', 'kind:tree'
+  and 'kind:K:dynamic' entries."""
   out = []
   for d in _DRAFTERS.value:
     kind, _, k = d.partition(':')
-    if kind not in ('ngram', 'mtp', 'heads') or not k.isdigit() or int(k) < 1:
-      raise SystemExit(f'error: --drafters entry {d!r}: want ngram:K, mtp:K or heads:K')
-    out.append((kind, int(k)))
+    if k.endswith(':dynamic'):
+      k = k.removesuffix(':dynamic')
+      if kind not in ('ngram', 'mtp', 'heads') or not k.isdigit() or int(k) < 1:
+        raise SystemExit(f'error: --drafters entry {d!r}: want kind:K:dynamic with K >= 1')
+      out.append((kind, int(k), None, 'dynamic'))
+      continue
+    if kind not in ('ngram', 'mtp', 'heads') or not k:
+      raise SystemExit(f'error: --drafters entry {d!r}: want ngram:K, mtp:K or heads:K, '
+                       'or kind:TREE such as mtp:dyn4-d3-k2')
+    if k.isdigit() and int(k) >= 1:
+      out.append((kind, int(k), None, None))
+      continue
+    try:
+      shape = tree_lib.resolve(k, kind)
+    except UserError as e:
+      raise SystemExit(f'error: --drafters entry {d!r}: {e}') from None
+    if shape is None:
+      raise SystemExit(f'error: --drafters entry {d!r}: want a positive k or a tree')
+    out.append((kind, shape.depth, shape, None))
   return out
 
 
@@ -114,25 +168,28 @@ def rounds_for(per_prompt, bs):
 _COMPILED = {}
 
 
-def compiled(gen, params, dparams, b):
-  """(prefill, decode) compiled once per generator and batch shape (prompt sets share one)."""
+def compiled(gen, params, dparams, b, knobs=None):
+  """(prefill, decode) compiled once per generator and batch shape (prompt
+  sets share one); knobs: the policy's PolicyParams (arrays: not in the key)."""
   key = (gen, b.prompts.shape)
   if key not in _COMPILED:
-    pre = gen.prefill.lower(gen, params, b, dparams).compile()
-    dec = gen.decode.lower(gen, params, jax.eval_shape(lambda: pre(params, b, dparams)),
+    pre = gen.prefill.lower(gen, params, b, dparams, knobs).compile()
+    dec = gen.decode.lower(gen, params, jax.eval_shape(lambda: pre(params, b, dparams, knobs)),
                            dparams).compile()
     _COMPILED[key] = pre, dec
   return _COMPILED[key]
 
 
-def timed_loop(gen, params, dparams, batches):
-  """(median seconds per batch summed, rounds summed, verify rounds summed, completions)."""
-  total, rounds, verify, rows = 0.0, 0, 0, []
+def timed_loop(gen, params, dparams, batches, knobs=None):
+  """(median seconds per batch summed, rounds summed, verify rounds summed,
+  completions, the policy's rounds by drafted and by verified length summed
+  ({} without a policy))."""
+  total, rounds, verify, rows, by_len = 0.0, 0, 0, [], {}
   for b in batches:
-    pre, dec = compiled(gen, params, dparams, b)
+    pre, dec = compiled(gen, params, dparams, b, knobs)
     times = []
     for _ in range(_REPEATS.value):
-      state = jax.block_until_ready(pre(params, b, dparams))
+      state = jax.block_until_ready(pre(params, b, dparams, knobs))
       t = time.perf_counter()
       state = jax.block_until_ready(dec(params, state, dparams))
       times.append(time.perf_counter() - t)
@@ -140,12 +197,53 @@ def timed_loop(gen, params, dparams, batches):
     rounds += int(state.step)
     verify += int(state.verify_rounds)
     rows += generate.completions(state, gen.config.eos_id)
-  return total, rounds, verify, rows
+    if gen.policy is not None:
+      summ = policy_lib.summary(gen.policy, state.policy)
+      for f in ('rounds_by_drafted_len', 'rounds_by_verified_len'):
+        for k, n in summ[f].items():
+          by_len.setdefault(f, {}).setdefault(k, 0)
+          by_len[f][k] += n
+  return total, rounds, verify, rows, by_len
+
+
+def policy_costs(kind, ks, name, bs, results, source_results):
+  """The policy's round costs in AR steps, one per k in ks (cost(0) = 1):
+  --policy_costs_from's batch-1 chain entries of `kind` (median over its
+  prompt sets), else this run's chain entries for this prompt set and batch.
+  Returns (costs, where they came from)."""
+  if _POLICY_FROM.value:
+    pool = [r for r in source_results if r['batch'] == 1]
+    where = f'{_POLICY_FROM.value} (batch 1, median over prompt sets)'
+  else:
+    pool = [r for r in results if r['batch'] == bs and r['prompt_set'] == name]
+    where = 'this run\'s chain entries'
+  costs = [1.0]
+  for k in ks[1:]:
+    vals = [r['verify_cost_in_steps'] for r in pool if r['drafter'] == kind
+            and r['draft_len'] == k and not r.get('tree') and not r.get('policy')]
+    if not vals:
+      raise SystemExit(f'error: {kind}:{max(ks)}:dynamic needs the cost of a {kind} chain of '
+                       f'k = {k} from {where}: add {kind}:{k} to --drafters (before it)')
+    costs.append(max(statistics.median(vals), 1e-3))
+  return costs, where
+
+
+def policy_projection(counts, costs, ks, tokens):
+  """Tokens / rounds' cost, from the policy's rounds by length: a round that
+  drafted k and verified j costs at least c(j) (drafting j, verifying j) and
+  at most c(k) (verifying all k), so the speedup lies between tokens / the
+  sum of c(k) over drafted lengths and tokens / the sum of c(j) over
+  verified ones (equal when every round verifies what it drafted)."""
+  c = dict(zip(map(str, ks), costs))
+  lo = sum(n * c[k] for k, n in counts['rounds_by_drafted_len'].items())
+  hi = sum(n * c[k] for k, n in counts['rounds_by_verified_len'].items())
+  return round(tokens / lo, 3), round(tokens / hi, 3)
 
 
 def main(_):
   parse_drafters()                  # bad input fails before anything loads
   read_source()
+  read_policy_source()
   if _WEIGHTS.value == 'gguf':
     target = load_target('gemma3_270m', param_dtype=_PARAM_DTYPE.value)
   else:
@@ -157,10 +255,11 @@ def main(_):
   sets = prompt_sets(target.tokenizer, source)
   new_tokens = source.get('new_tokens', _NEW.value)
   source = source.get('results', [])
+  policy_source, policy_device = read_policy_source()
   specs = parse_drafters()
-  kmax = max(k for _, k in specs)
+  margin = max(k + 1 if shape is None else shape.num_nodes for _, k, shape, _ in specs)
   bucket_len = generate.bucket(max(len(p) for ps in sets.values() for p in ps))
-  cache = -(-(bucket_len + new_tokens + kmax + 1) // 128) * 128
+  cache = -(-(bucket_len + new_tokens + margin) // 128) * 128
   results = []
   for bs in map(int, _BATCH.value):
     def batches(prompts):
@@ -170,21 +269,35 @@ def main(_):
               for rows in layout(len(prompts), bs)]
     ar = generate.Generator(cfg, cache_size=cache, greedy=True)
     for name, prompts in sets.items():
-      ar_s, ar_rounds, _, ar_rows = timed_loop(ar, params, None, batches(prompts))
+      ar_s, ar_rounds, _, ar_rows, _ = timed_loop(ar, params, None, batches(prompts))
       step_ms = ar_s / ar_rounds * 1e3
-      for kind, k in specs:
+      for kind, k, shape, mode in specs:
         d = api.load_drafter(target, kind, draft_len=k)
-        gen = generate.Generator(cfg, cache_size=cache, greedy=True, drafter=d.drafter)
-        sp_s, sp_rounds, sp_verify, rows = timed_loop(gen, params, d.params, batches(prompts))
+        pol, knobs = None, None
+        if mode == 'dynamic':
+          pol = policy_lib.DraftPolicy(policy_lib.default_ks(k))
+          costs, costs_from = policy_costs(kind, pol.ks, name, bs, results, policy_source)
+          knobs = policy_lib.PolicyParams.make(costs)
+        gen = generate.Generator(cfg, cache_size=cache, greedy=True, drafter=d.drafter,
+                                 tree=shape, policy=pol)
+        sp_s, sp_rounds, sp_verify, rows, by_len = timed_loop(gen, params, d.params,
+                                                              batches(prompts), knobs)
         tokens = sum(r['new_tokens'] for r in rows)
         calls = sum(r['target_calls'] for r in rows)
         if _WEIGHTS.value == 'gguf':
-          assert [r['completion_ids'] for r in rows] == [r['completion_ids'] for r in ar_rows], \
+          same = [r['completion_ids'] for r in rows] == [r['completion_ids'] for r in ar_rows]
+          # Chains are bitwise AR's (README, "bf16 and greedy identity"); a
+          # tree's nodes sit in slots their chain would not use, which with
+          # bf16 weights can flip a near-tie (docs/TREE.md): recorded, not fatal.
+          assert same or shape is not None, \
               f'{name}/{kind}:{k}: greedy speculative output differs from AR'
         # Rounds where the drafter abstained are AR steps: take them out at
         # the AR loop's step cost to get what one verify round costs.
         verify_ms = (sp_s * 1e3 - (sp_rounds - sp_verify) * step_ms) / max(sp_verify, 1)
         res = dict(prompt_set=name, batch=bs, drafter=kind, draft_len=k,
+                   greedy_identical=same if _WEIGHTS.value == 'gguf' else None,
+                   tree=None if shape is None else tree_lib.label(shape), policy=mode,
+                   verify_rows=k + 1 if shape is None else shape.num_nodes,
                    ar_rounds=ar_rounds, spec_rounds=sp_rounds, verify_rounds=sp_verify,
                    tokens_per_call=round(tokens / calls, 3),
                    ar_ms_per_step=round(step_ms, 3), verify_ms_per_round=round(verify_ms, 3),
@@ -193,8 +306,17 @@ def main(_):
           res['calls_per_prompt'] = [r['target_calls'] for r in rows]
           res['draft_calls_per_prompt'] = [r['draft_calls'] for r in rows]
           res['tokens_per_prompt'] = [r['new_tokens'] for r in rows]
-        src = next((s for s in source if s['batch'] == 1 and all(
-            s[f] == res[f] for f in ('prompt_set', 'drafter', 'draft_len'))), None)
+        if mode == 'dynamic':
+          # A round of the policy verifies one of several lengths: its costs
+          # and counts give the speedup (on M when the costs are M's).
+          res.update(verify_ms_per_round=None, verify_cost_in_steps=None,
+                     policy_ks=list(pol.ks), policy_costs=[round(c, 3) for c in costs],
+                     costs_from=costs_from, **by_len)
+          res['projected_speedup_range'] = policy_projection(by_len, costs, pol.ks, tokens)
+          if _POLICY_FROM.value:
+            res['projected_on'] = policy_device
+        src = None if mode else next((s for s in source if s['batch'] == 1 and all(
+            s.get(f) == res[f] for f in ('prompt_set', 'drafter', 'draft_len', 'tree'))), None)
         if src is not None:
           # Verify rounds of a batch >= its rows' most (exact at batch 1).
           rounds = rounds_for(src['calls_per_prompt'], bs)
@@ -220,10 +342,17 @@ def main(_):
         'tokens/call | measured speedup | projected speedup | source measured |')
   print('|---|---|---|---|---|---|---|---|---|---|')
   for r in results:
-    print(f'| {r["prompt_set"]} | {r["batch"]} | {r["drafter"]} ({r["draft_len"]}) | '
-          f'{r["ar_ms_per_step"]} | {r["verify_ms_per_round"]} | {r["verify_cost_in_steps"]} | '
+    what = r.get('tree') or (f'{r["draft_len"]}, dynamic' if r.get('policy') else r['draft_len'])
+    projected = r.get('projected_speedup', '')
+    if r.get('projected_speedup_range'):
+      projected = '{}-{}'.format(*r['projected_speedup_range'])
+      if r.get('projected_on'):
+        projected += f' on {r["projected_on"]}'
+    print(f'| {r["prompt_set"]} | {r["batch"]} | {r["drafter"]} ({what}) | '
+          f'{r["ar_ms_per_step"]} | {r["verify_ms_per_round"] or "-"} | '
+          f'{r["verify_cost_in_steps"] or "-"} | '
           f'{r.get("source_tokens_per_call", r["tokens_per_call"])} | '
-          f'{r.get("measured_speedup", "")} | {r.get("projected_speedup", "")} | '
+          f'{r.get("measured_speedup", "")} | {projected} | '
           f'{r.get("source_measured_speedup") or ""} |')
 
 
