@@ -355,7 +355,7 @@ class Generator:
     makes the round a plain step when no unfinished row has a proposal."""
     view = TargetView(embedding=params['embedding'], cache=state.cache, hidden=state.hidden)
     sample = None
-    if not self.greedy:   # the draft keys of a chain round (`_draft`)
+    if not self.greedy and getattr(self.tree, 'sampled', False):   # a chain round's draft keys
       keys = jax.vmap(jax.random.fold_in)(state.batch.keys, state.lengths)
       sample = (jax.vmap(lambda key: jax.random.split(key))(keys)[:, 0], state.batch)
     nodes, tables, q = tree_proposals.propose(self.drafter, self.tree, drafter_params,
