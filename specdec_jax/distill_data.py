@@ -396,17 +396,46 @@ def validate(c) -> None:
   precision.resolve(c.param_dtype, c.dtype)
 
 
-def target_identity(c, target) -> Dict:
+# The ModelConfig fields that fix what the target computes, hashed into a shard
+# folder's identity. Named, not "every field": a field added to ModelConfig
+# later (eos_ids was) must not orphan every folder written before it. Stop ids
+# enter the hash only where they are not the default (eos_id alone), for the
+# same reason. dtype / param_dtype are recorded beside the hash.
+IDENTITY_FIELDS = ('vocab_size', 'num_layers', 'embed_dim', 'hidden_dim', 'num_heads',
+                   'num_kv_heads', 'head_dim', 'query_pre_attn_scalar', 'sliding_window',
+                   'sliding_window_pattern', 'rope_base_global', 'rope_base_local',
+                   'rope_scale_global', 'norm_eps', 'max_context', 'dtype', 'param_dtype',
+                   'bos_id', 'eos_id', 'pad_id')
+# Fields left out of the hash (a test holds the two lists to ModelConfig's fields,
+# so a new field must be put in one of them).
+NOT_IDENTITY_FIELDS = ('eos_ids',)     # enters as stop_ids where not the default
+
+
+def _config_hash(c, target, fields: Dict) -> str:
   from specdec_jax import target_training
-  cfg = json.dumps(dataclasses.asdict(target.config), sort_keys=True)
   extra = ''
   if c.model == 'tiny':
     extra = f'seed={c.target_seed}'
   elif target_training.is_target_dir(c.model):
     extra = json.loads((pathlib.Path(c.model) / 'target.json').read_text())['sha256']
-  return dict(name=c.model, gguf=c.gguf, config_sha256=hashlib.sha256(
-      (cfg + extra).encode()).hexdigest()[:16], param_dtype=target.config.param_dtype,
-              dtype=target.config.dtype)
+  return hashlib.sha256((json.dumps(fields, sort_keys=True) + extra).encode()).hexdigest()[:16]
+
+
+def target_identity(c, target) -> Dict:
+  cfg = dataclasses.asdict(target.config)
+  fields = {k: cfg[k] for k in IDENTITY_FIELDS}
+  if tuple(target.config.stop_ids) != (target.config.eos_id,):
+    fields['stop_ids'] = list(target.config.stop_ids)
+  return dict(name=c.model, gguf=c.gguf, config_sha256=_config_hash(c, target, fields),
+              param_dtype=target.config.param_dtype, dtype=target.config.dtype)
+
+
+def legacy_config_hash(c, target) -> str:
+  """The hash sessions of Nov 26-27 wrote: over every ModelConfig field then
+  (IDENTITY_FIELDS + eos_ids). Folders carrying it are the same target and are
+  updated to the hash above when they resume."""
+  cfg = dataclasses.asdict(target.config)
+  return _config_hash(c, target, {k: cfg[k] for k in IDENTITY_FIELDS + ('eos_ids',)})
 
 
 class Log:
@@ -456,6 +485,11 @@ def run(c) -> dict:
       raise UserError(f'shard folder {folder} was written from other files under the same data '
                       'patterns (names or sizes differ: another Python or corpus version?); '
                       'the prompt stream would change: use another folder')
+    if (old.get('target', {}).get('config_sha256') == legacy_config_hash(c, target)
+        and {**old['target'], 'config_sha256': None} == {**identity['target'], 'config_sha256': None}):
+      old['target'] = identity['target']
+      shards.write_manifest(folder, manifest)
+      log(f'{folder}: target hash updated to the named-fields form ({identity["target"]["config_sha256"]})')
     shards.check_identity(folder, manifest, identity)
     shards.check_sizes(folder, manifest)
   entries = manifest['shards']

@@ -227,6 +227,46 @@ def test_bad_input_is_one_line(full, tmp_path, case, match):
   assert '\n' not in str(e.value)
 
 
+def test_every_model_config_field_is_named_for_the_identity():
+  """A field added to ModelConfig must be put in IDENTITY_FIELDS (it changes
+  what the target computes: folders written before are refused) or in
+  NOT_IDENTITY_FIELDS; hashing every field orphaned every folder once."""
+  import dataclasses
+  from specdec_jax import config as config_lib
+  names = [f.name for f in dataclasses.fields(config_lib.ModelConfig)]
+  assert sorted(distill_data.IDENTITY_FIELDS + distill_data.NOT_IDENTITY_FIELDS) == sorted(names)
+  assert not set(distill_data.IDENTITY_FIELDS) & set(distill_data.NOT_IDENTITY_FIELDS)
+
+
+def test_identity_hash_and_the_earlier_form(full, tmp_path):
+  """Stop ids other than the default change the hash; a folder written with
+  the earlier every-field hash resumes (its hash is rewritten), and one whose
+  hash is neither is refused."""
+  import types
+  c = config(full)
+  target = load_target('tiny', param_dtype='float32', seed=c.target_seed)
+  ident = distill_data.target_identity(c, target)
+  other = types.SimpleNamespace(config=target.config.replace(eos_ids=(1, 5)))
+  assert distill_data.target_identity(c, other)['config_sha256'] != ident['config_sha256']
+  same = types.SimpleNamespace(config=target.config.replace(eos_ids=(target.config.eos_id,)))
+  assert distill_data.target_identity(c, same)['config_sha256'] == ident['config_sha256']
+  legacy = distill_data.legacy_config_hash(c, target)
+  assert legacy != ident['config_sha256']
+  folder = tmp_path / 'old'
+  shutil.copytree(full, folder)
+  m = json.loads((folder / 'manifest.json').read_text())
+  m['identity']['target']['config_sha256'] = legacy
+  (folder / 'manifest.json').write_text(json.dumps(m))
+  r = jobs.run(config(folder, max_prompts=64))
+  assert r['prompts'] == 64
+  m = json.loads((folder / 'manifest.json').read_text())
+  assert m['identity']['target'] == ident
+  m['identity']['target']['config_sha256'] = '0123456789abcdef'
+  (folder / 'manifest.json').write_text(json.dumps(m))
+  with pytest.raises(UserError, match='config_sha256'):
+    jobs.run(config(folder, max_prompts=80))
+
+
 def test_corrupt_shard_is_never_read(full, tmp_path):
   folder = tmp_path / 'f'
   shutil.copytree(full, folder)
