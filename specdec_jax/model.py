@@ -247,14 +247,16 @@ def visible_slots(keys, values, q_pos, window: Optional[int]):
 
 
 def attend(q, keys, values, q_pos, key_pos, window: Optional[int], strict: bool = False,
-           mask=None):
+           mask=None, chain_order=None):
   """Masked softmax attention, grouped-query, in float32.
 
   q [B, T, N, H] (scaled, rotated); keys, values [B, K, S, H]; q_pos [B, T];
   key_pos [B, S]. Key j is visible to the query at position p iff j <= p
   (j < p when `strict`) and, with a window, j > p - window. Returns
   [B, T, N * H]; a query that sees no key reads zeros. `mask` [B, T, S]
-  (optional) replaces that rule: the tree verify pass's visibility.
+  (optional) replaces that rule: the tree verify pass's visibility;
+  `chain_order` (its `tree_chain_order`) sums each node's softmax
+  denominator in its chain's key order.
 
   Written as two `lax.dot_general`s batched over (B, K) with the G * T query
   rows of each kv head stacked: XLA:CPU runs that form 2-5x faster than the
@@ -278,7 +280,18 @@ def attend(q, keys, values, q_pos, key_pos, window: Optional[int], strict: bool 
     if window is not None:
       mask &= k_pos > row_pos - window
   scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-  probs = row_softmax(scores)
+  if chain_order is None:
+    probs = row_softmax(scores)
+  else:
+    # The denominator's pairwise sum pairs terms by column: a tree node's
+    # ancestors sit in other columns than its chain's, so the sum is taken
+    # over its weights moved into the chain's columns (the weights and the
+    # value product stay in slot order: the product adds a row's nonzero
+    # terms in slot order, and ancestors keep their chain order there).
+    src, valid = (jnp.repeat(a, G, axis=1)[:, None] for a in chain_order)   # [B, 1, TG, S]
+    e = jnp.exp(scores - row_max(scores))
+    e_chain = jnp.where(valid, jnp.take_along_axis(e, jnp.broadcast_to(src, e.shape), axis=-1), 0.)
+    probs = e / row_sum(e_chain)
   if strict:   # a query at position 0 sees nothing: zero its uniform weights
     probs = probs * jnp.any(mask, -1)[:, None, :, None]
   # values as the left operand: XLA:CPU's product then rounds a query row the
@@ -315,6 +328,28 @@ def tree_visibility(q_pos, key_slot, first_slot, depths, ancestors, window: Opti
   if window is not None:
     vis &= k_pos[:, None, :] > q_pos[:, :, None] - window
   return vis
+
+
+def tree_chain_order(key_slot, first_slot, depths, ancestors):
+  """For each tree node and key column, the column its chain would hold
+  there: (src [B, T, S'] int32, valid [B, T, S'] bool). A chain of node i's
+  path holds its depth-n ancestor in tree slot n, where the tree holds node
+  n; columns before the tree are their own, and tree slots deeper than node
+  i are empty in its chain (valid False)."""
+  B, T = depths.shape
+  n = key_slot - first_slot[:, None]                                        # [B, S']
+  in_tree = (n >= 0) & (n < T)
+  n = jnp.clip(n, 0, T - 1)
+  # at_depth[b, i, d]: node i's ancestor at depth d (0 where it has none).
+  hit = ancestors[:, :, None, :] & (depths[:, None, None, :] ==
+                                    jnp.arange(T, dtype=jnp.int32)[None, None, :, None])
+  at_depth = jnp.argmax(hit, axis=-1).astype(jnp.int32)                      # [B, T, T]
+  anc = jnp.take_along_axis(at_depth, jnp.broadcast_to(n[:, None, :], (B, T, n.shape[1])),
+                            axis=2)                                         # [B, T, S']
+  col = jnp.arange(key_slot.shape[1], dtype=jnp.int32)[None, None, :]
+  src = jnp.where(in_tree[:, None, :], col - n[:, None, :] + anc, col)
+  valid = ~in_tree[:, None, :] | (n[:, None, :] <= depths[:, :, None])
+  return src, valid
 
 
 class RMSNorm(nn.Module):
@@ -385,10 +420,11 @@ class Attention(nn.Module):
       new_kv = (keys, values)
       keys, values, key_pos = visible_slots(keys, values, positions, window)
     q = q * jnp.asarray(cfg.query_pre_attn_scalar ** -0.5, q.dtype)
-    mask = None
+    mask = order = None
     if tree is not None:   # key_pos holds slot indices: visible_slots cut by slot
       mask = tree_visibility(positions, key_pos, slot_ids[:, 0], tree[0], tree[1], window)
-    out = attend(q, keys, values, positions, key_pos, window, mask=mask)
+      order = tree_chain_order(key_pos, slot_ids[:, 0], tree[0], tree[1])
+    out = attend(q, keys, values, positions, key_pos, window, mask=mask, chain_order=order)
     return linear(out, w_out), new_kv
 
 

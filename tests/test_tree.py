@@ -14,7 +14,7 @@ from specdec_jax import drafters, generate
 from specdec_jax import tree as tree_lib
 from specdec_jax import tree_proposals
 from specdec_jax.errors import UserError
-from specdec_jax.model import KVCache, Transformer, cast_params
+from specdec_jax.model import KVCache, Transformer, cast_params, init_params
 
 from test_speculative import (NEW, N, PROMPTS, SETTINGS, chi2_stat, chi2_tests,  # noqa: F401
                               small_target, trained_drafter)
@@ -31,13 +31,24 @@ def test_layout_worked_example():
   assert tree_lib.TreeShape((2, 1)).leaves() == [[0, 1, 3], [0, 2, 4]]
 
 
-@pytest.mark.parametrize('branching', [(2, 2, 1), (2, 1, 1, 1, 1)])   # the 2nd deeper than the window
-def test_tree_verify_equals_chain_per_path(tiny, branching):
+@pytest.mark.parametrize('branching,param_dtype', [((2, 2, 1), 'float32'),
+                                                   ((2, 1, 1, 1, 1), 'float32'),  # deeper than the window
+                                                   ((2, 2, 1), 'bfloat16')])
+def test_tree_verify_equals_chain_per_path(tiny, branching, param_dtype):
   """Two rows at different lengths: every root-to-leaf path's logits and
-  hidden states from the tree pass equal a chain pass over that path, and
-  after commit_path the cache holds the chain's keys/values at the path's
-  positions (and the prefix is untouched)."""
+  hidden states from the tree pass equal a chain pass over that path bit for
+  bit, with float32 and with bf16 weights, and after commit_path the cache
+  holds the chain's keys/values at the path's positions (and the prefix is
+  untouched). Bitwise: a greedy tree must pick AR's token at a near-tie too;
+  the softmax denominator summed in slot order differed from the chain's in
+  the last bit, and with bf16 weights by ~0.01 in the logits (a model wider
+  than `tiny`, so that such a bit moves a bf16 rounding)."""
   cfg, params = tiny
+  if param_dtype == 'bfloat16':
+    cfg = cfg.replace(vocab_size=256, embed_dim=128, hidden_dim=256, num_kv_heads=1,
+                      head_dim=64, query_pre_attn_scalar=64.0, param_dtype=param_dtype)
+    params = cast_params(init_params(cfg.replace(param_dtype='float32'), jax.random.key(1)),
+                         param_dtype)
   shape = tree_lib.TreeShape(branching)
   apply = Transformer(cfg).apply
   B, T, S = 2, shape.num_nodes, 32
@@ -50,14 +61,13 @@ def test_tree_verify_equals_chain_per_path(tiny, branching):
   assert (tcache.lengths == cache.lengths + T).all()
   for path in shape.leaves():
     chain_logits, chain_hidden, ccache = apply({'params': params}, nodes[:, path], cache)
-    np.testing.assert_allclose(logits[:, path], chain_logits, atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(hidden[:, path], chain_hidden, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(logits[:, path], chain_logits)
+    np.testing.assert_array_equal(hidden[:, path], chain_hidden)
     committed = tree_lib.commit_path(tcache, cache.lengths,
                                      jnp.broadcast_to(jnp.array(path), (B, len(path))))
     for b, L in enumerate(cache.lengths.tolist()):
       for got, want in zip(committed.k + committed.v, ccache.k + ccache.v):
-        np.testing.assert_allclose(got[b, :, :L + len(path)], want[b, :, :L + len(path)],
-                                   atol=1e-5, rtol=1e-5)
+        np.testing.assert_array_equal(got[b, :, :L + len(path)], want[b, :, :L + len(path)])
 
 
 def run_tree(cfg, params, prompts, drafter, dparams, shape, *, max_new=17, greedy=True,
