@@ -16,7 +16,10 @@ quality columns: greedy outputs identical to AR, the PIT p-value of sampled
 tokens, the target's log-likelihood next to AR's) and PNG plots, and prints
 a JSON summary as its last line. An existing results folder is refused unless
 `--config.overwrite=True` (replace) or `--config.resume=True` (continue). Any list can be overridden as a comma string:
-`--config.draft_lens=2,4 --config.drafters=ngram,mtp`.
+`--config.draft_lens=2,4 --config.drafters=ngram,mtp`. Drafters are ngram,
+draft_model[:<layers>|target], mtp[:<folder>], heads[:<folder>], and
+mtp+lookup / heads+lookup (prompt lookup of `lookup`+ tokens first, the
+trained drafter for rows without such a match).
 
 Variants:
   (none)        draft_len 1,2,3,4,6,8,16 x drafter ngram, draft_model, mtp, heads x
@@ -73,6 +76,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.batch_sizes = '1'
   c.max_ngram = 3
   c.min_ngram = 1                     # ngram: shorter matches abstain (an AR step)
+  c.lookup = 2                        # mtp+lookup / heads+lookup: the shortest match looked up
   # Fixed k and / or the dynamic draft-length policy (specdec_jax/policy.py),
   # whose points are labelled '<drafter> dynamic' and draft at most k.
   c.dynamic = 'false'                 # 'false', 'true' or 'false,true'

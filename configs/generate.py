@@ -33,8 +33,10 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.batch_size = 1
   c.num_samples = 1
   c.cache_size = 0            # KV slots per row; 0 = smallest that fits (x128)
-  # auto = the trained MTP drafter shipped for the model (Gemma 3 270M), else none
+  # auto = the trained MTP drafter shipped for the model (Gemma 3 270M) behind
+  # prompt lookup (mtp+lookup), else none
   c.drafter = 'auto'          # auto | none (plain autoregressive) | ngram | draft_model | mtp | heads
+                              # | mtp+lookup | heads+lookup (prompt lookup first, below)
   c.drafter_checkpoint = ''   # mtp / heads: a trained drafter's folder; '' = the shipped one
   c.draft_len = 4             # k: tokens drafted per round (dynamic: the most it may draft)
   # Dynamic draft length (specdec_jax/policy.py): each round drafts 0 (a plain
@@ -65,6 +67,10 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.trace = False
   c.max_ngram = 3             # ngram: longest suffix matched
   c.min_ngram = 1             # ngram: shorter matches abstain (the round is an AR step)
+  # mtp+lookup / heads+lookup: prompt lookup first. A row whose last `lookup`
+  # tokens (up to max(lookup, max_ngram)) occurred earlier drafts what
+  # followed them, the other rows the trained drafter's tokens (drafters.LookupDrafter).
+  c.lookup = 2
   c.draft_model = 'tiny'      # draft_model: 'tiny' (random 2-layer Gemma) | 'target' (itself)
   c.draft_vocab_size = 0      # draft_model=tiny: 0 = the target's (must match)
   c.parallel = 'auto'         # auto | none | pmap | mesh

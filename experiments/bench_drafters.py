@@ -14,7 +14,9 @@ that every speculative output equals AR's token for token.
 
 Drafters: ngram (prompt lookup), draft_model (an untrained random 2-layer
 Gemma with the full vocabulary: a floor, not a contender), mtp and heads
-(trained checkpoints; the shipped ones by default). Prints one JSON line
+(trained checkpoints; the shipped ones by default); mtp+lookup and
+heads+lookup: prompt lookup first where the last --lookup+ tokens occurred
+earlier, the trained drafter elsewhere. Prints one JSON line
 per (domain, drafter) and then a markdown table.
 """
 import json
@@ -29,9 +31,13 @@ from specdec_jax import api, generate, sweep
 from specdec_jax.targets import load_target
 
 KINDS = ['ngram', 'draft_model', 'mtp', 'heads']
+LOOKUP_KINDS = ['mtp+lookup', 'heads+lookup']   # prompt lookup first (drafters.LookupDrafter)
 
 _DOMAINS = flags.DEFINE_list('domains', ['code', 'prose'], 'Prompt sets (experiments/prompts/).')
-_DRAFTERS = flags.DEFINE_list('drafters', KINDS, 'Drafter kinds to compare.')
+_DRAFTERS = flags.DEFINE_list('drafters', KINDS, 'Drafter kinds to compare (also ' +
+                              ', '.join(LOOKUP_KINDS) + ').')
+_LOOKUP = flags.DEFINE_integer('lookup', 2, 'The +lookup kinds: the shortest earlier match '
+                               'that drafts by prompt lookup.')
 _K = flags.DEFINE_integer('draft_len', 4, 'Tokens drafted per round.')
 _NEW = flags.DEFINE_integer('new_tokens', 64, 'New tokens per prompt.')
 _N = flags.DEFINE_integer('prompts', 6, 'Prompts per domain (the first n).')
@@ -45,9 +51,11 @@ _PARAM_DTYPE = flags.DEFINE_enum('param_dtype', 'auto', ['auto', 'bfloat16', 'fl
 
 def make_drafter(target, kind, k):
   """(drafter, params) through api.load_drafter; (None, reason) when a checkpoint is missing."""
+  base = kind.partition('+')[0]
   try:
     d = api.load_drafter(target, kind, draft_len=k,
-                         checkpoint={'mtp': _MTP.value, 'heads': _HEADS.value}.get(kind, ''))
+                         checkpoint={'mtp': _MTP.value, 'heads': _HEADS.value}.get(base, ''),
+                         lookup=_LOOKUP.value if base != kind else 0)
   except ValueError as e:
     return None, str(e)
   return d.drafter, d.params
@@ -79,6 +87,10 @@ def run_mode(gen, params, dparams, prompts, bucket_len):
 
 
 def main(_):
+  bad = sorted(set(_DRAFTERS.value) - set(KINDS + LOOKUP_KINDS))
+  if bad:
+    raise SystemExit(f'error: unknown drafter {bad[0]!r}; choose from '
+                     f'{", ".join(KINDS + LOOKUP_KINDS)}')
   target = load_target('gemma3_270m', param_dtype=_PARAM_DTYPE.value)
   print(json.dumps({'precision': target.precision}), flush=True)
   cfg, params, tok = target.config, target.params, target.tokenizer

@@ -60,12 +60,17 @@ class Result:
 
 def load_drafter(target: Target, kind: str, *, draft_len: int = 4, checkpoint: str = '',
                  max_ngram: int = 3, min_ngram: int = 1, num_layers: int = 2,
-                 seed: int = 0) -> Drafter:
+                 seed: int = 0, lookup: int = 0) -> Drafter:
   """kind: 'ngram'; 'mtp' / 'heads' (checkpoint '' = the one shipped for the
   target); 'draft_model' (checkpoint '' = a random `num_layers` Gemma with the
   target's vocabulary; 'target' = the target itself). ValueError (one line)
   for a missing, corrupt or incompatible checkpoint or an impossible k.
-  The drafter computes in the target's weight and activation dtypes."""
+  The drafter computes in the target's weight and activation dtypes.
+
+  'mtp+lookup' / 'heads+lookup' (or lookup = n > 0 with mtp / heads): prompt
+  lookup first (drafters.LookupDrafter): a row whose last n+ tokens (n =
+  lookup, 2 by default; up to max(n, max_ngram)) occurred earlier drafts what
+  followed them, the other rows take the trained drafter's draft."""
   from specdec_jax import checkpoints
   from specdec_jax.generation_job import shipped_drafter
   cfg = target.config
@@ -82,6 +87,16 @@ def load_drafter(target: Target, kind: str, *, draft_len: int = 4, checkpoint: s
     return Drafter(drafters_lib.make_drafter('draft_model', draft_len=draft_len,
                                              target_config=cfg, drafter_config=dcfg),
                    params, kind, count(params))
+  if kind in ('mtp+lookup', 'heads+lookup'):
+    kind, lookup = kind.partition('+')[0], lookup or 2
+  if lookup:
+    if kind not in ('mtp', 'heads'):
+      raise ValueError(f'lookup applies to the mtp and heads drafters, not {kind!r}')
+    if lookup < 1:
+      raise ValueError(f'lookup must be >= 1 (0 = off), got {lookup}')
+    d = load_drafter(target, kind, draft_len=draft_len, checkpoint=checkpoint)
+    return Drafter(drafters_lib.with_lookup(d.drafter, lookup, max_ngram), d.params,
+                   f'{kind}+lookup', d.num_params)
   path = checkpoint or shipped_drafter(target.name, kind)
   if not path:
     raise ValueError(f'no {kind} drafter is shipped for {target.name!r}; pass a checkpoint')

@@ -35,7 +35,7 @@ from specdec_jax.measure import median_seconds
 from specdec_jax.model import init_params
 from specdec_jax.targets import check_model_name, load_target
 
-DRAFTERS = ('auto', 'none', 'ngram', 'draft_model', 'mtp', 'heads')
+DRAFTERS = ('auto', 'none', 'ngram', 'draft_model', 'mtp', 'heads', 'mtp+lookup', 'heads+lookup')
 DRAFT_MODELS = ('target', 'tiny')
 PARALLEL = ('auto', 'none', 'pmap', 'mesh')
 DEMO_PROMPTS = [
@@ -70,6 +70,9 @@ def validate(c) -> None:
     raise UserError(f'unknown draft_model {c.draft_model!r}; choose one of {", ".join(DRAFT_MODELS)}')
   if not 1 <= c.min_ngram <= c.max_ngram:
     raise UserError(f'need 1 <= min_ngram <= max_ngram, got {c.min_ngram} and {c.max_ngram}')
+  if c.get('lookup', 2) < 1:
+    raise UserError(f'lookup must be >= 1 (the shortest match the +lookup drafters look up), '
+                    f'got {c.lookup}')
   validate_policy(c)
   shape = tree_shape(c)
   if c.parallel not in PARALLEL:
@@ -137,6 +140,9 @@ def tree_shape(c):
   if kind == 'draft_model':
     raise UserError(f'tree={c.tree}: tree drafting needs an ngram, heads or mtp drafter, '
                     'not draft_model; leave tree empty (a chain)')
+  if '+' in kind:
+    raise UserError(f'tree={c.tree}: trees are not drafted by {kind}; use drafter='
+                    f'{base_kind(kind)} or leave tree empty (a chain)')
   return tree_lib.resolve(spec, kind)
 
 
@@ -182,11 +188,20 @@ def read_prompts(path: str) -> List[dict]:
   return out
 
 
+def base_kind(kind: str) -> str:
+  """'mtp' for 'mtp+lookup' (prompt lookup in front of the mtp drafter)."""
+  return kind.partition('+')[0]
+
+
 def resolve_drafter(c) -> str:
-  """'auto' = the shipped trained drafter for the model if there is one."""
+  """'auto' = the shipped trained mtp drafter for the model, behind prompt
+  lookup (a tree: alone), if there is one (docs/BENCHMARKS.md section 9)."""
   if c.drafter != 'auto':
     return c.drafter
-  return 'mtp' if shipped_drafter(c.model) else 'none'
+  if not shipped_drafter(c.model):
+    return 'none'
+  # Trees are drafted by the trained drafter alone.
+  return 'mtp' if tree_lib.parse(c.get('tree', '')) is not None else 'mtp+lookup'
 
 
 def shipped_drafter(model: str, kind: str = 'mtp'):
@@ -198,6 +213,13 @@ def shipped_drafter(model: str, kind: str = 'mtp'):
 def make_drafter(c, target):
   """(drafter, its params) from the config; (None, None) for plain AR."""
   kind = resolve_drafter(c)
+  d, params = _make_drafter(c, target, base_kind(kind))
+  if '+' in kind:
+    d = drafters.with_lookup(d, c.get('lookup', 2), c.max_ngram)
+  return d, params
+
+
+def _make_drafter(c, target, kind):
   if kind == 'none':
     return None, None
   cfg = target.config
@@ -257,6 +279,9 @@ def settings(c, rows) -> dict:
       s.update(dynamic=True, policy_ks=list(policy_lib.parse_ks(c.policy_ks, c.draft_len)),
                confidence_threshold=c.confidence_threshold, costs=str(c.costs),
                acceptance_prior=c.acceptance_prior, acceptance_decay=c.acceptance_decay)
+  if '+' in kind:                  # prompt lookup first
+    s.update(lookup=c.get('lookup', 2), max_ngram=c.max_ngram)
+  kind = base_kind(kind)
   if kind in ('mtp', 'heads'):
     path = c.drafter_checkpoint or shipped_drafter(c.model, kind)
     meta = path and pathlib.Path(path) / 'drafter.json'

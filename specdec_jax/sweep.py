@@ -121,9 +121,11 @@ def parse(c):
       raise UserError(f'batch_sizes: every value must be >= 1, got {b}')
   for d in ax['drafters']:
     kind, _, arg = d.partition(':')
-    if kind not in KINDS:
-      raise UserError(f'unknown drafter {d!r} in drafters; choose from {", ".join(KINDS)} '
-                      '(optionally kind:<checkpoint folder>, draft_model:<layers>|target)')
+    kind, plus, extra = kind.partition('+')
+    if kind not in KINDS or (plus and (extra != 'lookup' or kind not in ('mtp', 'heads'))):
+      raise UserError(f'unknown drafter {d!r} in drafters; choose from {", ".join(KINDS)}, '
+                      'mtp+lookup, heads+lookup (optionally kind:<checkpoint folder>, '
+                      'draft_model:<layers>|target)')
     if kind == 'draft_model' and arg and arg != 'target' and not (arg.isdigit() and int(arg) > 0):
       raise UserError(f'drafter {d!r}: draft_model takes a layer count or "target"')
     if kind in ('mtp', 'heads') and arg and not (pathlib.Path(arg) / 'drafter.json').is_file():
@@ -142,6 +144,8 @@ def parse(c):
   for key in ('prompts_per_domain', 'max_new_tokens', 'repeats'):
     if c[key] < 1:
       raise UserError(f'{key} must be >= 1, got {c[key]}')
+  if c.get('lookup', 2) < 1:
+    raise UserError(f'lookup must be >= 1 (the +lookup drafters\' shortest match), got {c.lookup}')
   if c.max_prompt_len < 0 or not 1 <= c.min_ngram <= c.max_ngram:
     raise UserError('max_prompt_len must be >= 0 (0 = whole prompts) and '
                     '1 <= min_ngram <= max_ngram')
@@ -281,7 +285,7 @@ def build_drafter(entry, k, target, c):
   kind, _, arg = entry.partition(':')
   try:
     d = api.load_drafter(target, kind, draft_len=k, max_ngram=c.max_ngram,
-                         min_ngram=c.min_ngram,
+                         min_ngram=c.min_ngram, lookup=c.get('lookup', 2) if '+' in kind else 0,
                          seed=c.seed, num_layers=int(arg) if arg.isdigit() else 2,
                          checkpoint='target' if arg == 'target' else
                          ('' if kind == 'draft_model' else arg))

@@ -87,6 +87,8 @@ class BrokenDrafter:
     collecting the scan's outputs.
   - 'keys_shared_by_heads' (heads): every head draws with the row's key
     instead of its own, so the k drafts are not independent given the state.
+  - 'model_q_for_lookup_rows' (mtp+lookup): every row reports the trained
+    drafter's q, also the rows whose drafts came from prompt lookup.
   """
   base: Any
   bug: str
@@ -106,6 +108,10 @@ class BrokenDrafter:
       return self._draft_model_without_warp(params, state, tokens, lengths, keys, batch)
     if self.bug == 'keys_shared_by_heads':
       return self._heads_one_key(params, state, tokens, lengths, keys, batch, greedy, target)
+    if self.bug == 'model_q_for_lookup_rows':
+      d, _, state = self.base.draft(params, state, tokens, lengths, keys, batch, greedy, target)
+      _, q, _ = self.base.model.draft(params, state, tokens, lengths, keys, batch, greedy, target)
+      return d, q, state
     assert self.bug == 'q_of_previous_step', self.bug
     d, q, state = self.base.draft(params, state, tokens, lengths, keys, batch, greedy, target)
     return d, jnp.concatenate([q[:, :1], q[:, :-1]], axis=1), state

@@ -92,6 +92,9 @@ BAD = [
     (dict(tree='2,1'), 'needs a drafter'),
     (dict(drafter='ngram', tree='600'), "tree's 601 nodes need a cache larger than the model"),
     (dict(drafter='ngram', tree='50,1', cache_size=128), "tree's 101 nodes it needs a cache"),
+    (dict(drafter='mtp+lookup', lookup=0), 'lookup must be >= 1'),
+    (dict(drafter='mtp+lookup', tree='2,1'), 'trees are not drafted by mtp+lookup'),
+    (dict(drafter='ngram+lookup'), 'unknown drafter'),
 ]
 
 

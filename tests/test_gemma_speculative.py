@@ -51,7 +51,7 @@ def test_shipped_mtp_drafter_loads_drafts_and_is_exact(gemma):
   from configs.generate import get_config
   cfg, params = gemma.config, gemma.params
   path = shipped_drafter('gemma3_270m')
-  assert path is not None and resolve_drafter(get_config()) == 'mtp'
+  assert path is not None and resolve_drafter(get_config()) == 'mtp+lookup'
   dcfg, dparams, manifest = checkpoints.load_drafter(path)
   assert manifest['target']['name'] == 'gemma3_270m' and (path / 'NOTICE').is_file()
   d = drafters.make_drafter('mtp', draft_len=4, target_config=cfg, drafter_config=dcfg)
@@ -96,3 +96,10 @@ def test_gemma_bf16_greedy_speculative_equals_autoregressive():
   d = api.load_drafter(t, 'ngram', draft_len=4)
   sp = api.generate(t, prompts, drafter=d, max_new_tokens=48, parallel='none', dynamic=False)
   assert sp.completion_ids == ar.completion_ids
+  # The shipped mtp drafter behind prompt lookup (rows with an earlier match
+  # of their last 2+ tokens draft from it): still AR's output, in fewer calls.
+  d = api.load_drafter(t, 'mtp+lookup', draft_len=4)
+  assert d.kind == 'mtp+lookup' and d.drafter.lookup.min_ngram == 2
+  sp = api.generate(t, prompts, drafter=d, max_new_tokens=48, parallel='none', dynamic=False)
+  assert sp.completion_ids == ar.completion_ids
+  assert sp.target_calls < ar.target_calls

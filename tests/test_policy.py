@@ -128,7 +128,7 @@ def test_no_recompile_for_new_costs_thresholds_and_prompts(tiny):
 COSTS2 = [1.0, 1.3, 1.5]
 
 
-@pytest.mark.parametrize('kind', ['draft_model', 'mtp', 'heads', 'ngram'])
+@pytest.mark.parametrize('kind', ['draft_model', 'mtp', 'heads', 'ngram', 'lookup'])
 def test_sampled_with_the_policy_matches_autoregressive(small_target, kind, monkeypatch):
   """4096 samples of 3 tokens, T = 1, k <= 2, the policy choosing 0 / 1 / 2
   drafts per round and rows offering fewer drafts than their batch verifies:

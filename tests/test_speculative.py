@@ -78,12 +78,19 @@ def trained_drafter(cfg, kind, k, seed=0, vocab_size=None):
   return drafters.make_drafter(kind, draft_len=k, target_config=cfg, drafter_config=dcfg), params
 
 
+def lookup_case(cfg, k, n, seed=0, vocab_size=None):
+  """A random mtp drafter behind prompt lookup of n+ tokens."""
+  d, p = trained_drafter(cfg, 'mtp', k, seed, vocab_size)
+  return drafters.with_lookup(d, n), p
+
+
 def drafter_cases(cfg, params, k):
   other = init_params(cfg, jax.random.key(7))
   return {
       'mtp': trained_drafter(cfg, 'mtp', k),
       'heads': trained_drafter(cfg, 'heads', k),
       'ngram': (drafters.NgramDrafter(k, cfg.vocab_size), None),
+      'mtp+lookup': lookup_case(cfg, k, 1),
       'target_itself': (ShiftedDrafter(drafters.DraftModelDrafter(cfg, k)), shifted(params)),
       'always_wrong': (ShiftedDrafter(drafters.DraftModelDrafter(cfg, k)), shifted(params, 1)),
       'other_model': (ShiftedDrafter(drafters.DraftModelDrafter(cfg, k)), shifted(other)),
@@ -149,6 +156,41 @@ def test_ragged_rows_equal_solo_runs_and_eos_mid_block(tiny):
       # Every draft accepted: the first round would emit 5 tokens and stops
       # at the EOS, its 3rd: mid-block, in one target call.
       assert batched[1]['target_calls'] == 1 and batched[1]['accepted_by_position'] == [1] * 4
+
+
+def test_lookup_first_drafts_each_row_from_its_source(tiny):
+  """mtp+lookup: a row whose last token occurred earlier drafts what followed
+  it, with a one-hot q and confidence 1; a row without a match gets the mtp
+  drafter's draft, q and confidence unchanged; when every row matches, the
+  draft is lookup's alone. The drafter never abstains (no has_draft)."""
+  cfg, params = tiny
+  d, dp = lookup_case(cfg, 4, 1)
+  assert not hasattr(d, 'has_draft')
+  gen = generate.Generator(cfg, cache_size=16, greedy=False, drafter=d.model)
+  batch = generate.make_batch([[2, 10, 11, 12, 10], [2, 30, 31, 32, 33]], batch_size=2,
+                              bucket_len=8, max_new_tokens=4,
+                              keys=jax.random.split(jax.random.key(0), 2), temperature=1.0)
+  state = gen.prefill(params, batch, dp)
+  view = drafters.TargetView(embedding=params['embedding'], cache=state.cache,
+                             hidden=state.hidden)
+  keys = jax.random.split(jax.random.key(1), 2)
+  for greedy in (True, False):
+    args = (dp, (), state.tokens, state.lengths, keys, batch, greedy, view)
+    drafts, q, _, conf = d.draft_scored(*args)
+    m_drafts, m_q, _, m_conf = d.model.draft_scored(*args)
+    # Row 0: its pending 10 follows 2 earlier; the 4th draft is past the context.
+    np.testing.assert_array_equal(drafts[0], [11, 12, 10, 10])
+    np.testing.assert_array_equal(conf[0], [1, 1, 1, 0])
+    np.testing.assert_array_equal(drafts[1], m_drafts[1])
+    np.testing.assert_array_equal(conf[1], m_conf[1])
+    if not greedy:
+      np.testing.assert_array_equal(q[0], jax.nn.one_hot(drafts[0], cfg.vocab_size))
+      np.testing.assert_array_equal(q[1], m_q[1])
+  rows = state.tokens.at[1].set(state.tokens[0])
+  drafts = d.draft_scored(dp, (), rows, state.lengths, keys, batch, True, view)[0]
+  np.testing.assert_array_equal(drafts, [[11, 12, 10, 10]] * 2)
+  with pytest.raises(ValueError, match='stateless'):
+    drafters.with_lookup(drafters.NgramDrafter(3, cfg.vocab_size), 2)
 
 
 def test_ngram_abstains_without_a_match(tiny):
@@ -286,6 +328,9 @@ def sampled_case(cfg, dparams, kind):
     return drafters.DraftModelDrafter(cfg, 2), dparams, [2, 5, 9]
   if kind == 'ngram':      # the first round drafts [9, 5]; later rows abstain on new tokens
     return drafters.NgramDrafter(2, cfg.vocab_size), None, [2, 5, 9, 5]
+  if kind == 'lookup':     # the first round drafts [9, 5] by lookup; later rows with
+    # a new last token take the mtp drafter's draws
+    return (*lookup_case(cfg, 2, 1, seed=3, vocab_size=12), [2, 5, 9, 5])
   drafter, p = trained_drafter(cfg, kind, 2, seed=3, vocab_size=12)   # q = 0 off its 12 ids
   return drafter, p, [2, 5, 9]
 
@@ -299,11 +344,18 @@ REALISTIC_BUG = {
     'mtp': (('drafter', 'q_of_previous_step'), SETTINGS[2]),
     'heads': (('drafter', 'keys_shared_by_heads'), SETTINGS[0]),
     'ngram': (('accept', 'residual_not_renormalised'), SETTINGS[0]),
+    'lookup': (('drafter', 'model_q_for_lookup_rows'), SETTINGS[1]),
 }
 
 
-@pytest.mark.parametrize('kind', ['draft_model', 'mtp', 'heads', 'ngram'])
-@pytest.mark.parametrize('setting', SETTINGS, ids=lambda s: '-'.join(map(str, s)))
+# Every kind at every setting; mtp+lookup (whose parts are the mtp and ngram
+# kinds above) at the two that warp q, its T = 1 case is the bf16 test's.
+SAMPLED_CASES = ([(kind, s) for kind in ('draft_model', 'mtp', 'heads', 'ngram') for s in SETTINGS]
+                 + [('lookup', s) for s in SETTINGS[1:]])
+
+
+@pytest.mark.parametrize('kind, setting', SAMPLED_CASES,
+                         ids=lambda x: x if isinstance(x, str) else '-'.join(map(str, x)))
 def test_sampled_speculative_matches_autoregressive_distribution(small_target, setting, kind,
                                                                  monkeypatch):
   """4096 speculative samples of 3 tokens vs the exact AR distributions: each
@@ -342,7 +394,7 @@ def test_sampled_speculative_matches_autoregressive_distribution(small_target, s
   assert max(ratios.values()) > 1, (bug, ratios)
 
 
-@pytest.mark.parametrize('kind', ['draft_model', 'mtp', 'heads', 'ngram'])
+@pytest.mark.parametrize('kind', ['draft_model', 'mtp', 'heads', 'ngram', 'lookup'])
 def test_sampled_speculative_is_exact_with_bf16_weights(small_target, kind):
   """With bfloat16 weights the target is the bf16-weight model: speculative
   samples must follow its exact distributions (enumerated with the same
