@@ -62,7 +62,8 @@ def load_drafter(target: Target, kind: str, *, draft_len: int = 4, checkpoint: s
                  max_ngram: int = 3, min_ngram: int = 1, num_layers: int = 2,
                  seed: int = 0, lookup: int = 0) -> Drafter:
   """kind: 'ngram'; 'mtp' / 'heads' (checkpoint '' = the one shipped for the
-  target); 'draft_model' (checkpoint '' = a random `num_layers` Gemma with the
+  target; 'mtp' also takes a Gemma 4 assistant folder for a Gemma 4 target);
+  'draft_model' (checkpoint '' = a random `num_layers` Gemma with the
   target's vocabulary; 'target' = the target itself). ValueError (one line)
   for a missing, corrupt or incompatible checkpoint or an impossible k.
   The drafter computes in the target's weight and activation dtypes.
@@ -97,6 +98,16 @@ def load_drafter(target: Target, kind: str, *, draft_len: int = 4, checkpoint: s
     d = load_drafter(target, kind, draft_len=draft_len, checkpoint=checkpoint)
     return Drafter(drafters_lib.with_lookup(d.drafter, lookup, max_ngram), d.params,
                    f'{kind}+lookup', d.num_params)
+  from specdec_jax.loaders import hf_gemma4_assistant
+  if kind == 'mtp' and checkpoint and hf_gemma4_assistant.is_assistant_folder(checkpoint):
+    # Gemma 4's official MTP assistant (models/gemma4_assistant.py), as the job loads it.
+    from specdec_jax.assistant_drafter import AssistantDrafter
+    from specdec_jax.errors import UserError
+    try:
+      acfg, params = hf_gemma4_assistant.load(checkpoint, cfg)
+    except UserError as e:
+      raise ValueError(str(e)) from None
+    return Drafter(AssistantDrafter(acfg, draft_len), params, kind, count(params))
   path = checkpoint or shipped_drafter(target.name, kind)
   if not path:
     raise ValueError(f'no {kind} drafter is shipped for {target.name!r}; pass a checkpoint')

@@ -211,7 +211,9 @@ def test_the_job_runs_an_assistant_checkpoint(tmp_path):
                 dict(drafter='mtp', drafter_checkpoint=str(ROOT / 'assistant_e_style'),
                      dynamic=False, draft_len=3),
                 dict(drafter='mtp', drafter_checkpoint=str(ROOT / 'assistant_e_style'),
-                     draft_len=3, costs='1,1.1,1.2,1.3', confidence_threshold=0.0)]:
+                     draft_len=3, costs='1,1.1,1.2,1.3', confidence_threshold=0.0),
+                dict(drafter='mtp+lookup', drafter_checkpoint=str(ROOT / 'assistant_e_style'),
+                     dynamic=False, draft_len=3)]:
     c = get_config()
     c.model, c.prompts, c.max_new_tokens = str(ROOT / 'e_style'), str(prompts), 9
     c.output = str(tmp_path / f'o{len(outs)}.jsonl')
@@ -220,6 +222,23 @@ def test_the_job_runs_an_assistant_checkpoint(tmp_path):
     summary = jobs.run(c)
     outs.append([json.loads(l)['completion_ids']
                  for l in pathlib.Path(c.output).read_text().splitlines()])
-    if extra['drafter'] == 'mtp':
+    if extra['drafter'] != 'none':
       assert summary['draft_calls'] > 0
-  assert outs[0] == outs[1] == outs[2]
+  assert outs[0] == outs[1] == outs[2] == outs[3]
+
+
+def test_the_api_loads_an_assistant_checkpoint():
+  """api.load_drafter(target, 'mtp' or 'mtp+lookup', checkpoint=<gemma4_assistant
+  folder>): greedy api.generate gives plain decoding's tokens (the random tiny
+  assistant's drafts are verified, and rarely accepted)."""
+  from specdec_jax import api
+  target = api.load_target(str(ROOT / 'e_style'))
+  prompts = [[2, 40, 41, 42, 43], [2, 7, 7]]
+  ar = api.generate(target, prompts, max_new_tokens=9, parallel='none')
+  for kind in ('mtp', 'mtp+lookup'):
+    d = api.load_drafter(target, kind, draft_len=3, checkpoint=str(ROOT / 'assistant_e_style'))
+    assert d.kind == kind and d.num_params > 0
+    sp = api.generate(target, prompts, drafter=d, max_new_tokens=9, parallel='none',
+                      dynamic=False)
+    assert sp.completion_ids == ar.completion_ids, kind
+    assert len(sp.acceptance_by_position) == 3, kind          # drafts were verified
