@@ -19,22 +19,14 @@ import jax
 import jax.numpy as jnp
 
 from specdec_jax import sampling
+from specdec_jax.drafters import Stateless
 from specdec_jax.models.gemma4_assistant import AssistantConfig, Gemma4Assistant
 
 
 @dataclasses.dataclass(frozen=True)
-class AssistantDrafter:
+class AssistantDrafter(Stateless):
   config: AssistantConfig
   draft_len: int
-
-  def init_state(self, params, batch, cache_size):
-    return ()
-
-  def commit(self, state, lengths):
-    return state
-
-  def draft(self, params, state, tokens, lengths, keys, batch, greedy, target):
-    return self.draft_scored(params, state, tokens, lengths, keys, batch, greedy, target)[:3]
 
   def draft_scored(self, params, state, tokens, lengths, keys, batch, greedy, target):
     cfg = self.config

@@ -222,14 +222,22 @@ def _pick(logits, vocab, keys, batch, greedy, vocab_size):
   return vocab[idx], full, conf
 
 
-class _Trained:
-  """Shared parts of the trained drafters: params = {'net': ..., 'vocab': [R]}."""
+class Stateless:
+  """init_state / commit / draft of a drafter with no state of its own, whose
+  `draft_scored` does the work."""
 
   def init_state(self, params, batch, cache_size):
     return ()
 
   def commit(self, state, lengths):
     return state
+
+  def draft(self, params, state, tokens, lengths, keys, batch, greedy, target):
+    return self.draft_scored(params, state, tokens, lengths, keys, batch, greedy, target)[:3]
+
+
+class _Trained(Stateless):
+  """Shared parts of the trained drafters: params = {'net': ..., 'vocab': [R]}."""
 
   def _inputs(self, params, target):
     t = self.config.target
@@ -247,9 +255,6 @@ class MTPDrafter(_Trained):
   """Gemma-4-style multi-token-prediction drafter (see drafter_models.MTPNet)."""
   config: DrafterConfig
   draft_len: int
-
-  def draft(self, params, state, tokens, lengths, keys, batch, greedy, target):
-    return self.draft_scored(params, state, tokens, lengths, keys, batch, greedy, target)[:3]
 
   def draft_scored(self, params, state, tokens, lengths, keys, batch, greedy, target):
     cfg = self.config
@@ -278,9 +283,6 @@ class HeadsDrafter(_Trained):
   config: DrafterConfig
   draft_len: int
 
-  def draft(self, params, state, tokens, lengths, keys, batch, greedy, target):
-    return self.draft_scored(params, state, tokens, lengths, keys, batch, greedy, target)[:3]
-
   def draft_scored(self, params, state, tokens, lengths, keys, batch, greedy, target):
     cfg, k = self.config, self.draft_len
     sub, embed = self._inputs(params, target)
@@ -301,7 +303,7 @@ class HeadsDrafter(_Trained):
 
 
 @dataclasses.dataclass(frozen=True)
-class LookupDrafter:
+class LookupDrafter(Stateless):
   """Prompt lookup first, a trained drafter for the rest: a row whose last
   `lookup.min_ngram`+ tokens occurred earlier in its sequence drafts what
   followed them (NgramDrafter), every other row takes `model`'s draft
@@ -322,15 +324,6 @@ class LookupDrafter:
   def with_draft_len(self, k: int):
     return LookupDrafter(dataclasses.replace(self.lookup, draft_len=k),
                          with_draft_len(self.model, k))
-
-  def init_state(self, params, batch, cache_size):
-    return ()
-
-  def commit(self, state, lengths):
-    return state
-
-  def draft(self, params, state, tokens, lengths, keys, batch, greedy, target):
-    return self.draft_scored(params, state, tokens, lengths, keys, batch, greedy, target)[:3]
 
   def draft_scored(self, params, state, tokens, lengths, keys, batch, greedy, target):
     found = self.lookup.has_draft(tokens, lengths)                       # [B]
