@@ -52,6 +52,9 @@ def test_shipped_mtp_drafter_loads_drafts_and_is_exact(gemma):
   cfg, params = gemma.config, gemma.params
   path = shipped_drafter('gemma3_270m')
   assert path is not None and resolve_drafter(get_config()) == 'mtp+lookup'
+  with_tree = get_config()
+  with_tree.tree = '2,1'
+  assert resolve_drafter(with_tree) == 'mtp'          # trees are drafted by mtp alone
   dcfg, dparams, manifest = checkpoints.load_drafter(path)
   assert manifest['target']['name'] == 'gemma3_270m' and (path / 'NOTICE').is_file()
   d = drafters.make_drafter('mtp', draft_len=4, target_config=cfg, drafter_config=dcfg)
