@@ -130,7 +130,12 @@ class NgramDrafter:
     return self.draft_scored(params, state, tokens, lengths, keys, batch, greedy, target)[:3]
 
   def draft_scored(self, params, state, tokens, lengths, keys, batch, greedy, target=None):
-    best_start = self._match(tokens, lengths)
+    drafts, probs, conf = self.proposal(self._match(tokens, lengths), tokens, lengths, greedy)
+    return drafts, probs, state, conf
+
+  def proposal(self, best_start, tokens, lengths, greedy):
+    """(drafts [B, k], q [B, k, V] or None, confidence [B, k]) from `_match`'s
+    starts."""
     idx = best_start[:, None] + jnp.arange(self.draft_len)[None, :]    # [B, k]
     # Past the known context (idx >= L) the proposal is made up: the last
     # known token repeated, with confidence 0.
@@ -138,7 +143,7 @@ class NgramDrafter:
     idx = jnp.where(found, idx, lengths[:, None] - 1)
     drafts = jnp.take_along_axis(tokens, idx, axis=1).astype(jnp.int32)
     probs = None if greedy else jax.nn.one_hot(drafts, self.vocab_size, dtype=jnp.float32)
-    return drafts, probs, state, found.astype(jnp.float32)
+    return drafts, probs, found.astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,9 +331,9 @@ class LookupDrafter(Stateless):
                          with_draft_len(self.model, k))
 
   def draft_scored(self, params, state, tokens, lengths, keys, batch, greedy, target):
-    found = self.lookup.has_draft(tokens, lengths)                       # [B]
-    l_drafts, l_q, _, l_conf = self.lookup.draft_scored(None, (), tokens, lengths, keys, batch,
-                                                        greedy)
+    start = self.lookup._match(tokens, lengths)                          # [B], -1: none
+    found = start >= 0
+    l_drafts, l_q, l_conf = self.lookup.proposal(start, tokens, lengths, greedy)
 
     def with_model(_):
       m_drafts, m_q, _, m_conf = _scored(self.model, params, state, tokens, lengths, keys,
