@@ -7,6 +7,11 @@
     echo $! > /tmp/distill_data.pid
     python -m experiments.run --config=configs/distill_data.py:tiny   # tiny random target, seconds
 
+Literary prose mixed in (`:literary`; first `sh tools/fetch_corpora.sh
+sword-text-web dict-devil && pip install pysword && python tools/plain_text_corpora.py`):
+    nohup nice -n 19 python -m experiments.run --config=configs/distill_data.py:literary \
+        >> outputs/distill/gemma3_270m_literary/run.log 2>&1 &
+
 The same command resumes (after a kill, a reboot, or on another machine with
 the folder copied); `--config.max_prompts` may be raised to continue further.
 
@@ -46,6 +51,10 @@ import ml_collections
 STDLIB_CODE = '{stdlib}/**/*.py'
 PYDOC_PROSE = '{corpora}/python3.11-doc/usr/share/doc/python3.11/html/_sources/**/*.rst.txt'
 GIT_DOCS = '{corpora}/git-doc/usr/share/doc/git-doc/*.txt'
+# Literary prose (tools/plain_text_corpora.py): the World English Bible and
+# Bierce's Devil's Dictionary; the `:literary` variant mixes them in.
+WEB_BIBLE = '{corpora}/plain/web-bible/*.txt'
+DEVIL = '{corpora}/plain/devil/devil.txt'
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
@@ -77,6 +86,12 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     c.min_prompt_tokens, c.max_prompt_tokens, c.max_new_tokens = 8, 31, 32
     c.shard_rows, c.max_prompts = 16, 64
     c.folder = 'outputs/distill/tiny'
+  elif arg == 'literary':
+    # The prose lever: the evaluation prose is literary (fortunes' literature
+    # quotes), the default sources are technical. Same weights for code and chat.
+    c.data = (f'0.4:{STDLIB_CODE}', f'0.1:{PYDOC_PROSE}', f'0.1:{WEB_BIBLE}', f'0.15:{DEVIL}',
+              '0.25:chat')
+    c.folder = 'outputs/distill/gemma3_270m_literary'
   elif arg:
-    raise ValueError(f'unknown variant {arg!r} (use :tiny or nothing)')
+    raise ValueError(f'unknown variant {arg!r} (use :tiny, :literary or nothing)')
   return c
