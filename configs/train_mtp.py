@@ -59,6 +59,10 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.eval_rows = 64
   c.log_every = 10
   c.stop_at_step = 0            # > 0: stop after this step's checkpoint (resume later)
+  # An exported drafter folder to continue training from (its weights and
+  # reduced vocabulary; the shape keys above must match it), e.g. the shipped
+  # specdec_jax/assets/gemma3_270m_mtp; '' = a fresh random drafter.
+  c.init_from = ''
   c.workdir = 'outputs/train_mtp'
   c.output = 'outputs/train_mtp/drafter'
   c.export_dtype = 'float16'    # storage dtype of the exported weights

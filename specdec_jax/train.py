@@ -486,6 +486,7 @@ def run(c) -> dict:
   from specdec_jax.targets import load_target
 
   validate(c)
+  init = _init_from(c) if c.get('init_from') else None      # before minutes of features
   files = [] if c.get('shards') else expand_data(list(c.data))
   workdir = pathlib.Path(c.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -505,7 +506,7 @@ def run(c) -> dict:
     raise UserError(f'only {len(train_f)} training windows for batch_size={c.batch_size}; '
                     'add data or lower batch_size')
   V = target.config.vocab_size
-  vocab = choose_vocab(train_f, dcfg.draft_vocab_size, V)
+  vocab = init['vocab'] if init else choose_vocab(train_f, dcfg.draft_vocab_size, V)
   inv_vocab = np.full((V,), -1, np.int32)
   inv_vocab[vocab] = np.arange(len(vocab))
   T = train_f.labels.shape[1]
@@ -518,6 +519,8 @@ def run(c) -> dict:
   meta = dict(drafter=dcfg.to_dict(), loss=c.loss, depth=c.depth, steps=c.steps,
               batch_size=c.batch_size, learning_rate=c.learning_rate, seed=c.seed,
               features=feat_name)
+  if init:
+    meta['init_from'] = init['sha256']
   meta = json.loads(json.dumps(meta))   # as read back: tuples (eos_ids) become lists
   meta_path = workdir / 'run.json'
   if meta_path.is_file():
@@ -532,7 +535,7 @@ def run(c) -> dict:
   embedding = target.params['embedding']
   vocab_j, inv_j = jnp.asarray(vocab), jnp.asarray(inv_vocab)
   opt = make_optimizer(c)
-  params = init_drafter_params(dcfg, jax.random.key(c.seed), vocab)['net']
+  params = init['net'] if init else init_drafter_params(dcfg, jax.random.key(c.seed), vocab)['net']
   state = {'params': params, 'opt_state': opt.init(params)}
   n_params = sum(x.size for x in jax.tree.leaves(params))
 
@@ -554,7 +557,8 @@ def run(c) -> dict:
     state = mgr.restore(start, args=ocp.args.StandardRestore(state))
     log(f'resumed from the step-{start} checkpoint in {workdir / "checkpoints"}')
   log(f'training {dcfg.kind} drafter ({n_params / 1e6:.2f}M params, {c.loss} loss, depth {c.depth})'
-      f' for {c.steps} steps of {c.batch_size} x {T} tokens')
+      f' for {c.steps} steps of {c.batch_size} x {T} tokens'
+      + (f', starting from {c.init_from}' if init else ''))
 
   best = BestParams(workdir)
 
@@ -630,6 +634,33 @@ def run(c) -> dict:
         training=summary, dtype=c.export_dtype, notice=notice, extra_files=extra))
     log(f'drafter written to {out}')
   return dict(summary, output=out, workdir=str(workdir))
+
+
+def _init_from(c) -> dict:
+  """An exported drafter to continue training from (`init_from`): its
+  network in float32 and its reduced vocabulary. Its architecture must be the
+  one the config describes (kind, widths, layers, heads, vocabulary size) and
+  its target the run's."""
+  from specdec_jax import checkpoints
+  try:
+    old, params, manifest = checkpoints.load_drafter(c.init_from, 'float32')
+  except checkpoints.CheckpointError as e:
+    raise UserError(f'init_from: {e}') from None
+  if manifest.get('target', {}).get('name') != c.model:
+    raise UserError(f'init_from={c.init_from} was trained for target '
+                    f'{manifest.get("target", {}).get("name")!r}, not {c.model!r}')
+  theirs = old.to_dict()
+  for key, name in (('kind', 'drafter'), ('draft_vocab_size', 'draft_vocab_size'),
+                    ('width', 'width'), ('hidden_dim', 'hidden_dim'),
+                    ('num_layers', 'num_layers'), ('num_heads', 'num_heads'),
+                    ('num_draft_heads', 'depth')):
+    if key == 'num_draft_heads' and c.drafter != 'heads':
+      continue                    # mtp's depth is the loss's, not the network's
+    if theirs.get(key) != c[name]:
+      raise UserError(f'init_from={c.init_from} has {key}={theirs.get(key)!r}, the config '
+                      f'{name}={c[name]!r}; set the config to the checkpoint\'s shape')
+  net = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params['net'])
+  return dict(net=net, vocab=np.asarray(params['vocab']), sha256=manifest['sha256'])
 
 
 class BestParams:

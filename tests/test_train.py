@@ -135,6 +135,33 @@ def test_killed_run_resumes_and_matches_uninterrupted(tmp_path, cache, trained):
     np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
 
 
+def test_training_continues_from_an_exported_drafter(tmp_path, cache, trained):
+  """init_from: the run starts from the exported drafter's weights and reduced
+  vocabulary (its step-0 held-out evaluation is the one the drafter was
+  exported at), records the source in run.json, and a checkpoint of another
+  shape is one error line."""
+  src = trained['mtp'][1]
+  work = tmp_path / 'w'
+  r = train_cli(cache, '--config.drafter=mtp', f'--config.init_from={src}', '--config.steps=40',
+                '--config.eval_every=40', '--config.checkpoint_every=40',
+                f'--config.workdir={work}', f'--config.output={work}/drafter')
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f'starting from {src}' in r.stderr
+  manifest = json.loads((src / 'drafter.json').read_text())
+  held0 = next(r for r in map(json.loads, (work / 'log.jsonl').read_text().splitlines())
+               if r['kind'] == 'heldout' and r['step'] == 0)
+  for key in ('acc_1', 'acc_2', 'chain_2', 'loss'):
+    assert round(held0[key], 4) == pytest.approx(manifest['training']['heldout'][key], abs=2e-4), key
+  np.testing.assert_array_equal(_arrays(work / 'drafter')['vocab'], _arrays(src)['vocab'])
+  assert json.loads((work / 'run.json').read_text())['init_from'] == manifest['sha256']
+  bad = train_cli(cache, '--config.drafter=mtp', f'--config.init_from={src}', '--config.width=48',
+                  f'--config.workdir={tmp_path}/w2')
+  assert bad.returncode == 2 and 'Traceback' not in bad.stderr
+  assert bad.stderr.strip().splitlines()[-1].startswith(f'error: init_from={src} has width=32')
+  missing = train_cli(cache, f'--config.init_from={tmp_path}/none', f'--config.workdir={tmp_path}/w3')
+  assert missing.returncode == 2 and 'missing drafter.json' in missing.stderr.strip().splitlines()[-1]
+
+
 def test_workdir_with_other_settings_is_refused(cache, trained):
   work = trained['mtp'][0]
   r = train_cli(cache, '--config.drafter=mtp', '--config.learning_rate=0.1',
