@@ -77,6 +77,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.max_ngram = 3
   c.min_ngram = 1                     # ngram: shorter matches abstain (an AR step)
   c.lookup = 2                        # mtp+lookup / heads+lookup: the shortest match looked up
+  c.lookup_unsure = 0.7               # ... and shorter matches where the drafter is less sure
   # Fixed k and / or the dynamic draft-length policy (specdec_jax/policy.py),
   # whose points are labelled '<drafter> dynamic' and draft at most k.
   c.dynamic = 'false'                 # 'false', 'true' or 'false,true'

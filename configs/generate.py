@@ -71,6 +71,10 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   # tokens (up to max(lookup, max_ngram)) occurred earlier drafts what
   # followed them, the other rows the trained drafter's tokens (drafters.LookupDrafter).
   c.lookup = 2
+  # ... and a row with only a shorter match (1 .. lookup - 1 tokens) drafts
+  # from it where the trained drafter's first-token confidence (the peak of
+  # its q) is below this; 0 = off (docs/BENCHMARKS.md section 10).
+  c.lookup_unsure = 0.7
   c.draft_model = 'tiny'      # draft_model: 'tiny' (random 2-layer Gemma) | 'target' (itself)
   c.draft_vocab_size = 0      # draft_model=tiny: 0 = the target's (must match)
   c.parallel = 'auto'         # auto | none | pmap | mesh

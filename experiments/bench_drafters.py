@@ -27,7 +27,7 @@ from absl import app, flags
 import jax
 import numpy as np
 
-from specdec_jax import api, generate, sweep
+from specdec_jax import api, drafters, generate, sweep
 from specdec_jax.targets import load_target
 
 KINDS = ['ngram', 'draft_model', 'mtp', 'heads']
@@ -38,6 +38,9 @@ _DRAFTERS = flags.DEFINE_list('drafters', KINDS, 'Drafter kinds to compare (also
                               ', '.join(LOOKUP_KINDS) + ').')
 _LOOKUP = flags.DEFINE_integer('lookup', 2, 'The +lookup kinds: the shortest earlier match '
                                'that drafts by prompt lookup.')
+_UNSURE = flags.DEFINE_float('lookup_unsure', drafters.LOOKUP_UNSURE, 'The +lookup kinds: rows with only a shorter '
+                             'match draft from it where the trained drafter\'s first-token '
+                             'confidence is below this (0 = off).')
 _K = flags.DEFINE_integer('draft_len', 4, 'Tokens drafted per round.')
 _NEW = flags.DEFINE_integer('new_tokens', 64, 'New tokens per prompt.')
 _N = flags.DEFINE_integer('prompts', 6, 'Prompts per domain (the first n).')
@@ -55,7 +58,8 @@ def make_drafter(target, kind, k):
   try:
     d = api.load_drafter(target, kind, draft_len=k,
                          checkpoint={'mtp': _MTP.value, 'heads': _HEADS.value}.get(base, ''),
-                         lookup=_LOOKUP.value if base != kind else 0)
+                         lookup=_LOOKUP.value if base != kind else 0,
+                         lookup_unsure=_UNSURE.value if base != kind else 0.0)
   except ValueError as e:
     return None, str(e)
   return d.drafter, d.params

@@ -49,6 +49,7 @@ XLA:CPU copied the closed-over target embedding (335 MB in bf16 for Gemma 3
 """
 import dataclasses
 import math
+from typing import Optional
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -318,17 +319,27 @@ class LookupDrafter(Stateless):
   row's q is the one its tokens were drawn from (lookup's one-hot or the
   model's warped distribution), so greedy and sampled outputs stay the
   target's exactly. When every row has a match, the model is not run.
+
+  With `unsure` > 0 (and lookup >= 2) a row without such a match also
+  drafts by lookup from a shorter one (1 .. lookup - 1 tokens; `short`)
+  where the model's first-position confidence -- the peak of its first
+  draft distribution, a function of the context alone -- is below `unsure`:
+  short matches where the model is unsure, the model where it is sure.
   """
   lookup: NgramDrafter
   model: object
+  short: Optional[NgramDrafter] = None
+  unsure: float = 0.0
 
   @property
   def draft_len(self):
     return self.model.draft_len
 
   def with_draft_len(self, k: int):
-    return LookupDrafter(dataclasses.replace(self.lookup, draft_len=k),
-                         with_draft_len(self.model, k))
+    return dataclasses.replace(
+        self, lookup=dataclasses.replace(self.lookup, draft_len=k),
+        model=with_draft_len(self.model, k),
+        short=self.short and dataclasses.replace(self.short, draft_len=k))
 
   def draft_scored(self, params, state, tokens, lengths, keys, batch, greedy, target):
     start = self.lookup._match(tokens, lengths)                          # [B], -1: none
@@ -338,25 +349,46 @@ class LookupDrafter(Stateless):
     def with_model(_):
       m_drafts, m_q, _, m_conf = _scored(self.model, params, state, tokens, lengths, keys,
                                          batch, greedy, target)
-      pick = lambda a, b: jnp.where(found.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
-      return (pick(l_drafts, m_drafts), None if greedy else pick(l_q, m_q),
-              pick(l_conf, m_conf))
+      use, src = found, (l_drafts, l_q, l_conf)
+      if self.short is not None and self.unsure > 0:
+        s_start = self.short._match(tokens, lengths)
+        # m_conf[:, 0] is the peak of q at position 1: it does not depend on
+        # the token drawn, so the offered drafts stay distributed as q.
+        by_short = ~found & (s_start >= 0) & (m_conf[:, 0] < self.unsure)
+        start2 = jnp.where(found, start, jnp.where(by_short, s_start, -1))
+        use, src = found | by_short, self.lookup.proposal(start2, tokens, lengths, greedy)
+      pick = lambda a, b: jnp.where(use.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+      return (pick(src[0], m_drafts), None if greedy else pick(src[1], m_q),
+              pick(src[2], m_conf))
 
     drafts, q, conf = jax.lax.cond(jnp.all(found), lambda _: (l_drafts, l_q, l_conf),
                                    with_model, None)
     return drafts, q, state, conf
 
 
-def with_lookup(model, lookup: int, max_ngram: int = 3):
+# The +lookup kinds' default `unsure`: on the held-out prompts (k = 4, greedy)
+# 0 / 0.4 / 0.7 gave code 2.80 / 2.80 / 2.82, prose 1.63 / 1.67 / 1.70, chat
+# 3.07 / 3.07 / 3.10 tokens per call (docs/BENCHMARKS.md section 10).
+LOOKUP_UNSURE = 0.7
+
+
+def with_lookup(model, lookup: int, max_ngram: int = 3, unsure: float = 0.0):
   """`model` with prompt lookup first: rows with an earlier occurrence of
-  their last `lookup` .. max(lookup, max_ngram) tokens draft from it."""
+  their last `lookup` .. max(lookup, max_ngram) tokens draft from it; with
+  `unsure` > 0 also rows with a shorter match whose model is less sure than
+  that at its first draft."""
   if lookup < 1:
     raise ValueError(f'lookup must be >= 1 (0 = off), got {lookup}')
+  if not 0 <= unsure <= 1:
+    raise ValueError(f'lookup_unsure must be in [0, 1] (0 = off), got {unsure}')
   if isinstance(model, (NgramDrafter, DraftModelDrafter, LookupDrafter)):
     raise ValueError('prompt lookup first applies to the stateless trained drafters (mtp, heads, '
                      f'a Gemma 4 assistant), not {type(model).__name__}')
-  return LookupDrafter(NgramDrafter(model.draft_len, model.config.target.vocab_size,
-                                    max_ngram=max(lookup, max_ngram), min_ngram=lookup), model)
+  V = model.config.target.vocab_size
+  short = (NgramDrafter(model.draft_len, V, max_ngram=lookup - 1, min_ngram=1)
+           if unsure > 0 and lookup > 1 else None)
+  return LookupDrafter(NgramDrafter(model.draft_len, V, max_ngram=max(lookup, max_ngram),
+                                    min_ngram=lookup), model, short, float(unsure) if short else 0.0)
 
 
 def _scored(drafter, *args):

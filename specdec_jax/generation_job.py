@@ -73,6 +73,8 @@ def validate(c) -> None:
   if c.get('lookup', 2) < 1:
     raise UserError(f'lookup must be >= 1 (the shortest match the +lookup drafters look up), '
                     f'got {c.lookup}')
+  if not 0 <= c.get('lookup_unsure', 0.0) <= 1:
+    raise UserError(f'lookup_unsure must be in [0, 1] (0 = off), got {c.lookup_unsure}')
   validate_policy(c)
   shape = tree_shape(c)
   if c.parallel not in PARALLEL:
@@ -215,7 +217,7 @@ def make_drafter(c, target):
   kind = resolve_drafter(c)
   d, params = _make_drafter(c, target, base_kind(kind))
   if '+' in kind:
-    d = drafters.with_lookup(d, c.get('lookup', 2), c.max_ngram)
+    d = drafters.with_lookup(d, c.get('lookup', 2), c.max_ngram, c.get('lookup_unsure', 0.0))
   return d, params
 
 
@@ -281,6 +283,8 @@ def settings(c, rows) -> dict:
                acceptance_prior=c.acceptance_prior, acceptance_decay=c.acceptance_decay)
   if '+' in kind:                  # prompt lookup first
     s.update(lookup=c.get('lookup', 2), max_ngram=c.max_ngram)
+    if c.get('lookup_unsure', 0.0):
+      s['lookup_unsure'] = c.lookup_unsure
   kind = base_kind(kind)
   if kind in ('mtp', 'heads'):
     path = c.drafter_checkpoint or shipped_drafter(c.model, kind)

@@ -89,6 +89,11 @@ class BrokenDrafter:
     instead of its own, so the k drafts are not independent given the state.
   - 'model_q_for_lookup_rows' (mtp+lookup): every row reports the trained
     drafter's q, also the rows whose drafts came from prompt lookup.
+  - 'unsure_by_drawn_token' (mtp+lookup with lookup_unsure): a row goes to
+    its shorter match where the probability of the token the model drew is
+    below the threshold, instead of the peak of its distribution: the choice
+    then depends on the draw, and the model's offered drafts are no longer
+    distributed as its q.
   """
   base: Any
   bug: str
@@ -112,9 +117,25 @@ class BrokenDrafter:
       d, _, state = self.base.draft(params, state, tokens, lengths, keys, batch, greedy, target)
       _, q, _ = self.base.model.draft(params, state, tokens, lengths, keys, batch, greedy, target)
       return d, q, state
+    if self.bug == 'unsure_by_drawn_token':
+      return self._unsure_by_drawn_token(params, state, tokens, lengths, keys, batch, greedy,
+                                         target)
     assert self.bug == 'q_of_previous_step', self.bug
     d, q, state = self.base.draft(params, state, tokens, lengths, keys, batch, greedy, target)
     return d, jnp.concatenate([q[:, :1], q[:, :-1]], axis=1), state
+
+  def _unsure_by_drawn_token(self, params, state, tokens, lengths, keys, batch, greedy, target):
+    base = self.base                                     # a LookupDrafter with `short`
+    m_drafts, m_q, _ = base.model.draft(params, state, tokens, lengths, keys, batch, greedy,
+                                        target)
+    start = base.lookup._match(tokens, lengths)
+    s_start = base.short._match(tokens, lengths)
+    drawn_q = jnp.take_along_axis(m_q[:, 0], m_drafts[:, :1], axis=1)[:, 0]
+    start = jnp.where(start >= 0, start, jnp.where(drawn_q < base.unsure, s_start, -1))
+    use = start >= 0
+    l_drafts, l_q, _ = base.lookup.proposal(start, tokens, lengths, greedy)
+    pick = lambda a, b: jnp.where(use.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+    return pick(l_drafts, m_drafts), pick(l_q, m_q), state
 
   def _draft_model_without_warp(self, params, state, tokens, lengths, keys, batch):
     # DraftModelDrafter.draft (sampled) with one change: the draw's logits.

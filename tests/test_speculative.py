@@ -193,6 +193,46 @@ def test_lookup_first_drafts_each_row_from_its_source(tiny):
     drafters.with_lookup(drafters.NgramDrafter(3, cfg.vocab_size), 2)
 
 
+def test_lookup_unsure_takes_a_shorter_match_where_the_model_is_unsure(tiny):
+  """lookup 2 with lookup_unsure = c: a row whose only earlier match is its
+  last token drafts from it where the mtp drafter's first-position peak is
+  below c, and the mtp draft where it is not; a row with a 2-token match
+  drafts by lookup and a row with none from mtp, whatever c."""
+  cfg, params = tiny
+  model, dp = trained_drafter(cfg, 'mtp', 4)
+  gen = generate.Generator(cfg, cache_size=16, greedy=False, drafter=model)
+  batch = generate.make_batch([[2, 10, 11, 12, 10], [2, 30, 31, 40, 30, 31], [2, 50, 51, 52, 53]],
+                              batch_size=3, bucket_len=8, max_new_tokens=4,
+                              keys=jax.random.split(jax.random.key(0), 3), temperature=1.0)
+  state = gen.prefill(params, batch, dp)
+  view = drafters.TargetView(embedding=params['embedding'], cache=state.cache,
+                             hidden=state.hidden)
+  keys = jax.random.split(jax.random.key(1), 3)
+  for greedy in (True, False):
+    args = (dp, (), state.tokens, state.lengths, keys, batch, greedy, view)
+    m_drafts, m_q, _, m_conf = model.draft_scored(*args)
+    peak = float(m_conf[0, 0])
+    assert 0 < peak < 1
+    for unsure, short in ((0.0, False), (peak, False), (min(1.0, peak + 1e-4), True), (1.0, True)):
+      d = drafters.with_lookup(model, 2, unsure=unsure)
+      drafts, q, _, conf = d.draft_scored(*args)
+      if short:
+        np.testing.assert_array_equal(drafts[0], [11, 12, 10, 10])
+        np.testing.assert_array_equal(conf[0], [1, 1, 1, 0])
+      else:
+        np.testing.assert_array_equal(drafts[0], m_drafts[0])
+        np.testing.assert_array_equal(conf[0], m_conf[0])
+      np.testing.assert_array_equal(drafts[1], [40, 30, 31, 31])          # after 30 31
+      np.testing.assert_array_equal(drafts[2], m_drafts[2])
+      if not greedy:
+        np.testing.assert_array_equal(q[1], jax.nn.one_hot(drafts[1], cfg.vocab_size))
+        np.testing.assert_array_equal(q[2], m_q[2])
+        np.testing.assert_array_equal(
+            q[0], jax.nn.one_hot(drafts[0], cfg.vocab_size) if short else m_q[0])
+  with pytest.raises(ValueError, match='lookup_unsure'):
+    drafters.with_lookup(model, 2, unsure=1.5)
+
+
 def test_ngram_abstains_without_a_match(tiny):
   """A pending token never seen before: the round is a plain AR step. A batch
   mixing rows that abstain with rows that verify gives every row its solo run
@@ -331,6 +371,10 @@ def sampled_case(cfg, dparams, kind):
   if kind == 'lookup':     # the first round drafts [9, 5] by lookup; later rows with
     # a new last token take the mtp drafter's draws
     return (*lookup_case(cfg, 2, 1, seed=3, vocab_size=12), [2, 5, 9, 5])
+  if kind == 'lookup_unsure':   # lookup 2: later rounds take a 1-token match or the mtp
+    # draws by the peak of mtp's first q (the threshold: first_round_unsure)
+    d, p = trained_drafter(cfg, 'mtp', 2, seed=3, vocab_size=12)
+    return drafters.with_lookup(d, 2, unsure=0.5), p, [2, 5, 9, 5]
   drafter, p = trained_drafter(cfg, kind, 2, seed=3, vocab_size=12)   # q = 0 off its 12 ids
   return drafter, p, [2, 5, 9]
 
@@ -345,13 +389,31 @@ REALISTIC_BUG = {
     'heads': (('drafter', 'keys_shared_by_heads'), SETTINGS[0]),
     'ngram': (('accept', 'residual_not_renormalised'), SETTINGS[0]),
     'lookup': (('drafter', 'model_q_for_lookup_rows'), SETTINGS[1]),
+    'lookup_unsure': (('drafter', 'unsure_by_drawn_token'), SETTINGS[0]),
 }
+
+
+def first_round_unsure(cfg, params, drafter, dp, prompt, setting):
+  """lookup_unsure's threshold for the sampled test: just below the peak of
+  mtp's first q after the prompt, so the first round (the prompt's only
+  match is its last token) drafts from mtp, while the bug of
+  negative_controls' 'unsure_by_drawn_token' sends every draw other than the
+  peak token to lookup."""
+  gen = generate.Generator(cfg, cache_size=16, greedy=False, drafter=drafter.model)
+  batch = generate.make_batch([prompt], batch_size=1, bucket_len=16, max_new_tokens=NEW,
+                              keys=jax.random.key(0)[None], temperature=setting[0],
+                              top_k=setting[1], top_p=setting[2])
+  state = gen.prefill(params, batch, dp)
+  view = drafters.TargetView(embedding=params['embedding'], cache=state.cache, hidden=state.hidden)
+  conf = drafter.model.draft_scored(dp, (), state.tokens, state.lengths, jax.random.key(1)[None],
+                                    batch, False, view)[3]
+  return dataclasses.replace(drafter, unsure=0.98 * float(conf[0, 0]))
 
 
 # Every kind at every setting; mtp+lookup (whose parts are the mtp and ngram
 # kinds above) at the two that warp q, its T = 1 case is the bf16 test's.
 SAMPLED_CASES = ([(kind, s) for kind in ('draft_model', 'mtp', 'heads', 'ngram') for s in SETTINGS]
-                 + [('lookup', s) for s in SETTINGS[1:]])
+                 + [('lookup', s) for s in SETTINGS[1:]] + [('lookup_unsure', SETTINGS[0])])
 
 
 @pytest.mark.parametrize('kind, setting', SAMPLED_CASES,
@@ -369,6 +431,8 @@ def test_sampled_speculative_matches_autoregressive_distribution(small_target, s
   import negative_controls
   cfg, params, dparams, reference = small_target
   drafter, dp, prompt = sampled_case(cfg, dparams, kind)
+  if kind == 'lookup_unsure':
+    drafter = first_round_unsure(cfg, params, drafter, dp, prompt, setting)
   spec = sampled_run(cfg, params, prompt, drafter, dp, setting)
   calls = np.array([s['target_calls'] for s in spec])
   if kind == 'ngram':   # both kinds of round ran (top-k may cut every proposal)
