@@ -158,6 +158,19 @@ def test_ragged_rows_equal_solo_runs_and_eos_mid_block(tiny):
       assert batched[1]['target_calls'] == 1 and batched[1]['accepted_by_position'] == [1] * 4
 
 
+def prefilled_rows(cfg, params, model, dp, prompts):
+  """(state, view, keys) after prefilling `prompts` for the stateless
+  drafter `model`: the arguments a drafter's draft_scored reads."""
+  n = len(prompts)
+  gen = generate.Generator(cfg, cache_size=16, greedy=False, drafter=model)
+  batch = generate.make_batch(prompts, batch_size=n, bucket_len=8, max_new_tokens=4,
+                              keys=jax.random.split(jax.random.key(0), n), temperature=1.0)
+  state = gen.prefill(params, batch, dp)
+  view = drafters.TargetView(embedding=params['embedding'], cache=state.cache,
+                             hidden=state.hidden)
+  return state, batch, view, jax.random.split(jax.random.key(1), n)
+
+
 def test_lookup_first_drafts_each_row_from_its_source(tiny):
   """mtp+lookup: a row whose last token occurred earlier drafts what followed
   it, with a one-hot q and confidence 1; a row without a match gets the mtp
@@ -166,14 +179,8 @@ def test_lookup_first_drafts_each_row_from_its_source(tiny):
   cfg, params = tiny
   d, dp = lookup_case(cfg, 4, 1)
   assert not hasattr(d, 'has_draft')
-  gen = generate.Generator(cfg, cache_size=16, greedy=False, drafter=d.model)
-  batch = generate.make_batch([[2, 10, 11, 12, 10], [2, 30, 31, 32, 33]], batch_size=2,
-                              bucket_len=8, max_new_tokens=4,
-                              keys=jax.random.split(jax.random.key(0), 2), temperature=1.0)
-  state = gen.prefill(params, batch, dp)
-  view = drafters.TargetView(embedding=params['embedding'], cache=state.cache,
-                             hidden=state.hidden)
-  keys = jax.random.split(jax.random.key(1), 2)
+  state, batch, view, keys = prefilled_rows(cfg, params, d.model, dp,
+                                            [[2, 10, 11, 12, 10], [2, 30, 31, 32, 33]])
   for greedy in (True, False):
     args = (dp, (), state.tokens, state.lengths, keys, batch, greedy, view)
     drafts, q, _, conf = d.draft_scored(*args)
@@ -200,14 +207,8 @@ def test_lookup_unsure_takes_a_shorter_match_where_the_model_is_unsure(tiny):
   drafts by lookup and a row with none from mtp, whatever c."""
   cfg, params = tiny
   model, dp = trained_drafter(cfg, 'mtp', 4)
-  gen = generate.Generator(cfg, cache_size=16, greedy=False, drafter=model)
-  batch = generate.make_batch([[2, 10, 11, 12, 10], [2, 30, 31, 40, 30, 31], [2, 50, 51, 52, 53]],
-                              batch_size=3, bucket_len=8, max_new_tokens=4,
-                              keys=jax.random.split(jax.random.key(0), 3), temperature=1.0)
-  state = gen.prefill(params, batch, dp)
-  view = drafters.TargetView(embedding=params['embedding'], cache=state.cache,
-                             hidden=state.hidden)
-  keys = jax.random.split(jax.random.key(1), 3)
+  state, batch, view, keys = prefilled_rows(
+      cfg, params, model, dp, [[2, 10, 11, 12, 10], [2, 30, 31, 40, 30, 31], [2, 50, 51, 52, 53]])
   for greedy in (True, False):
     args = (dp, (), state.tokens, state.lengths, keys, batch, greedy, view)
     m_drafts, m_q, _, m_conf = model.draft_scored(*args)
