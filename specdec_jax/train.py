@@ -625,7 +625,8 @@ def run(c) -> dict:
                  heldout={k: round(v, 4) for k, v in held.items()},
                  train_seconds_this_run=round(train_seconds, 1),
                  total_seconds_this_run=round(time.time() - t_start, 1),
-                 data=f'shards:{c.shards}' if c.get('shards') else list(c.data))
+                 data=f'shards:{c.shards}' if c.get('shards') else list(c.data),
+                 init_from=dict(folder=str(c.init_from), sha256=init['sha256']) if init else None)
   out = ''
   if c.output:
     notice, extra = _notice(c.model)

@@ -154,6 +154,8 @@ def test_training_continues_from_an_exported_drafter(tmp_path, cache, trained):
     assert round(held0[key], 4) == pytest.approx(manifest['training']['heldout'][key], abs=2e-4), key
   np.testing.assert_array_equal(_arrays(work / 'drafter')['vocab'], _arrays(src)['vocab'])
   assert json.loads((work / 'run.json').read_text())['init_from'] == manifest['sha256']
+  exported = json.loads((work / 'drafter' / 'drafter.json').read_text())['training']
+  assert exported['init_from']['sha256'] == manifest['sha256']
   bad = train_cli(cache, '--config.drafter=mtp', f'--config.init_from={src}', '--config.width=48',
                   f'--config.workdir={tmp_path}/w2')
   assert bad.returncode == 2 and 'Traceback' not in bad.stderr
