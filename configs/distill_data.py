@@ -11,6 +11,11 @@ Literary prose mixed in (`:literary`; first `sh tools/fetch_corpora.sh
 sword-text-web dict-devil && pip install pysword && python tools/plain_text_corpora.py`):
     nohup nice -n 19 python -m experiments.run --config=configs/distill_data.py:literary \
         >> outputs/distill/gemma3_270m_literary/run.log 2>&1 &
+Measured 2026-11-28 (AMD EPYC Zen 3, 2 cores, no AVX512_BF16: float32
+weights; seed 2): 42-59 tok/s per batch of 16 when alone, 5-13 beside the
+test suite; 119,476 tokens (640 prompts, 10 shards of 56 MB) in 1 h 50 min
+of a shared session. The shipped drafter was trained further on them
+(docs/BENCHMARKS.md section 10).
 
 The same command resumes (after a kill, a reboot, or on another machine with
 the folder copied); `--config.max_prompts` may be raised to continue further.
