@@ -78,10 +78,11 @@ def trained_drafter(cfg, kind, k, seed=0, vocab_size=None):
   return drafters.make_drafter(kind, draft_len=k, target_config=cfg, drafter_config=dcfg), params
 
 
-def lookup_case(cfg, k, n, seed=0, vocab_size=None):
-  """A random mtp drafter behind prompt lookup of n+ tokens."""
+def lookup_case(cfg, k, n, seed=0, vocab_size=None, unsure=0.0):
+  """A random mtp drafter behind prompt lookup of n+ tokens (and of shorter
+  ones where it is less sure than `unsure`)."""
   d, p = trained_drafter(cfg, 'mtp', k, seed, vocab_size)
-  return drafters.with_lookup(d, n), p
+  return drafters.with_lookup(d, n, unsure=unsure), p
 
 
 def drafter_cases(cfg, params, k):
@@ -91,6 +92,7 @@ def drafter_cases(cfg, params, k):
       'heads': trained_drafter(cfg, 'heads', k),
       'ngram': (drafters.NgramDrafter(k, cfg.vocab_size), None),
       'mtp+lookup': lookup_case(cfg, k, 1),
+      'mtp+lookup_unsure': lookup_case(cfg, k, 2, unsure=drafters.LOOKUP_UNSURE),
       'target_itself': (ShiftedDrafter(drafters.DraftModelDrafter(cfg, k)), shifted(params)),
       'always_wrong': (ShiftedDrafter(drafters.DraftModelDrafter(cfg, k)), shifted(params, 1)),
       'other_model': (ShiftedDrafter(drafters.DraftModelDrafter(cfg, k)), shifted(other)),
