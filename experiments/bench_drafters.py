@@ -38,9 +38,10 @@ _DRAFTERS = flags.DEFINE_list('drafters', KINDS, 'Drafter kinds to compare (also
                               ', '.join(LOOKUP_KINDS) + ').')
 _LOOKUP = flags.DEFINE_integer('lookup', 2, 'The +lookup kinds: the shortest earlier match '
                                'that drafts by prompt lookup.')
-_UNSURE = flags.DEFINE_float('lookup_unsure', drafters.LOOKUP_UNSURE, 'The +lookup kinds: rows with only a shorter '
-                             'match draft from it where the trained drafter\'s first-token '
-                             'confidence is below this (0 = off).')
+_UNSURE = flags.DEFINE_float('lookup_unsure', drafters.LOOKUP_UNSURE,
+                             'The +lookup kinds: rows with only a shorter match draft from it '
+                             'where the trained drafter\'s first-token confidence is below '
+                             'this (0 = off).')
 _K = flags.DEFINE_integer('draft_len', 4, 'Tokens drafted per round.')
 _NEW = flags.DEFINE_integer('new_tokens', 64, 'New tokens per prompt.')
 _N = flags.DEFINE_integer('prompts', 6, 'Prompts per domain (the first n).')

@@ -344,25 +344,25 @@ class LookupDrafter(Stateless):
   def draft_scored(self, params, state, tokens, lengths, keys, batch, greedy, target):
     start = self.lookup._match(tokens, lengths)                          # [B], -1: none
     found = start >= 0
-    l_drafts, l_q, l_conf = self.lookup.proposal(start, tokens, lengths, greedy)
+    # One lookup proposal per round, built in the branch that uses it.
+    lookup_only = lambda _: self.lookup.proposal(start, tokens, lengths, greedy)
 
     def with_model(_):
       m_drafts, m_q, _, m_conf = _scored(self.model, params, state, tokens, lengths, keys,
                                          batch, greedy, target)
-      use, src = found, (l_drafts, l_q, l_conf)
+      use, at = found, start
       if self.short is not None and self.unsure > 0:
         s_start = self.short._match(tokens, lengths)
         # m_conf[:, 0] is the peak of q at position 1: it does not depend on
         # the token drawn, so the offered drafts stay distributed as q.
         by_short = ~found & (s_start >= 0) & (m_conf[:, 0] < self.unsure)
-        start2 = jnp.where(found, start, jnp.where(by_short, s_start, -1))
-        use, src = found | by_short, self.lookup.proposal(start2, tokens, lengths, greedy)
+        use, at = found | by_short, jnp.where(by_short, s_start, start)
+      l_drafts, l_q, l_conf = self.lookup.proposal(at, tokens, lengths, greedy)
       pick = lambda a, b: jnp.where(use.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
-      return (pick(src[0], m_drafts), None if greedy else pick(src[1], m_q),
-              pick(src[2], m_conf))
+      return (pick(l_drafts, m_drafts), None if greedy else pick(l_q, m_q),
+              pick(l_conf, m_conf))
 
-    drafts, q, conf = jax.lax.cond(jnp.all(found), lambda _: (l_drafts, l_q, l_conf),
-                                   with_model, None)
+    drafts, q, conf = jax.lax.cond(jnp.all(found), lookup_only, with_model, None)
     return drafts, q, state, conf
 
 
