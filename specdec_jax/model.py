@@ -258,11 +258,11 @@ def attend(q, keys, values, q_pos, key_pos, window: Optional[int], strict: bool 
   `chain_order` (its `tree_chain_order`) sums each node's softmax
   denominator in its chain's key order.
 
-  Written as two `lax.dot_general`s batched over (B, K) with the G * T query
-  rows of each kv head stacked: XLA:CPU runs that form 2-5x faster than the
-  five-letter einsums over [B, K, G, T, S] at batch 8 x 2048 slots (one
+  The scores are one `lax.dot_general` batched over (B, K) with the G * T
+  query rows of each kv head stacked: XLA:CPU runs that form 2-5x faster than
+  the five-letter einsums over [B, K, G, T, S] at batch 8 x 2048 slots (one
   layer 6.5-19 ms -> 3.3-4 ms over runs; `python -m experiments.bench_ar`
-  prints both forms).
+  prints both forms). The value product is a sum over slots (see below).
   """
   B, T, N, H = q.shape
   K = keys.shape[1]
@@ -282,23 +282,33 @@ def attend(q, keys, values, q_pos, key_pos, window: Optional[int], strict: bool 
   scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
   if chain_order is None:
     probs = row_softmax(scores)
+    v = values[:, :, None].astype(jnp.float32)                              # [B, K, 1, S, H]
   else:
-    # The denominator's pairwise sum pairs terms by column: a tree node's
-    # ancestors sit in other columns than its chain's, so the sum is taken
-    # over its weights moved into the chain's columns (the weights and the
-    # value product stay in slot order: the product adds a row's nonzero
-    # terms in slot order, and ancestors keep their chain order there).
+    # A tree node is computed over its chain's key layout: its weights and
+    # the values moved into the columns its chain holds them in (ancestors
+    # at consecutive slots, deeper tree slots empty), so that the
+    # denominator's pairwise sum and the value sum below see exactly the
+    # chain's operands in the chain's order.
+    src_t, valid_t = chain_order                                            # [B, T, S]
     src, valid = (jnp.repeat(a, G, axis=1)[:, None] for a in chain_order)   # [B, 1, TG, S]
     e = jnp.exp(scores - row_max(scores))
-    e_chain = jnp.where(valid, jnp.take_along_axis(e, jnp.broadcast_to(src, e.shape), axis=-1), 0.)
-    probs = e / row_sum(e_chain)
+    e = jnp.where(valid, jnp.take_along_axis(e, jnp.broadcast_to(src, e.shape), axis=-1), 0.)
+    probs = e / row_sum(e)
+    S = values.shape[2]
+    v = jnp.take_along_axis(values, src_t.reshape(B, 1, T * S, 1), axis=2).reshape(B, K, T, S, H)
+    v = jnp.where(valid_t[:, None, :, :, None], v, 0).astype(jnp.float32)
+    v = jnp.repeat(v, G, axis=2)                                            # [B, K, TG, S, H]
   if strict:   # a query at position 0 sees nothing: zero its uniform weights
     probs = probs * jnp.any(mask, -1)[:, None, :, None]
-  # values as the left operand: XLA:CPU's product then rounds a query row the
-  # same at any row count (probs on the left differed at 36 rows from 4-20)
-  out = jax.lax.dot_general(values, probs.astype(values.dtype),
-                            (((2,), (3,)), ((0, 1), (0, 1))))               # [B, K, H, TG]
-  out = out.transpose(0, 1, 3, 2)                                           # [B, K, TG, H]
+  # The probabilities x values product as a sum over the slot axis, not a
+  # dot. A dot over all T * G rows picked its kernel by row count, machine by
+  # machine (row 0 of 12+ rows differed from 4 rows on a Zen 3 EPYC, probs
+  # on the left at 36 rows on a Zen 4); the sum over slots rounded a row
+  # alike at 1-16 tokens on both and was no slower at Gemma 3 270M's shapes
+  # (tools/row_invariance_probe.py checks a machine). Its order over slots
+  # is not one slot after another (moving terms between columns changed
+  # it), hence the tree's chain layout above.
+  out = jnp.sum(probs[..., None] * v, axis=-2)                              # [B, K, TG, H]
   out = out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4)                 # [B, T, K, G, H]
   return out.reshape(B, T, N * H).astype(q.dtype)
 

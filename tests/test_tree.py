@@ -50,7 +50,7 @@ def test_tree_verify_equals_chain_per_path(tiny, branching, param_dtype):
     params = cast_params(init_params(cfg.replace(param_dtype='float32'), jax.random.key(1)),
                          param_dtype)
   shape = tree_lib.TreeShape(branching)
-  apply = Transformer(cfg).apply
+  apply = jax.jit(Transformer(cfg).apply, static_argnames='compute_logits')   # compiled, as decoding runs
   B, T, S = 2, shape.num_nodes, 32
   prompts = jnp.array(np.random.default_rng(0).integers(3, cfg.vocab_size, (B, 9)))
   cache = KVCache.init(cfg, B, S)

@@ -110,7 +110,7 @@ def test_per_row_tree_verify_equals_each_nodes_chain(tiny):
   root-to-node path bit for bit, and committing a row's deepest path leaves the
   chain's cache."""
   cfg, params = tiny
-  apply = Transformer(cfg).apply
+  apply = jax.jit(Transformer(cfg).apply, static_argnames='compute_logits')   # compiled, as decoding runs
   B, S = 2, 40
   rng = np.random.default_rng(3)
   prompts = jnp.array(rng.integers(3, cfg.vocab_size, (B, 9)))

@@ -15,11 +15,11 @@ row count a plain step uses:
              product) with G = 4 query rows per token: token 0 of T tokens
              vs T = 1
 
-Seen (2026-11-28): AMD EPYC Zen 3 (AVX2, no AVX512_BF16): float32 matmul
-differs at every R >= 2 (1 row takes another kernel; 2..64 rows agree with
-each other), bf16 none, attend at T >= 3 (the probabilities x values
-product: one over all 4T rows changes kernel at 12+ rows). The Zen 4 EPYC of sessions 9-12 passed the tests that pin these
-(tests/test_model.py, tests/test_tree.py, tests/test_gemma_speculative.py).
+Seen (2026-11-28) on an AMD EPYC Zen 3 (AVX2, no AVX512_BF16): float32
+matmul differs at every R >= 2 (1 row takes another kernel; 2..64 rows agree
+with each other), bf16 none; attend, with the values-left dot product of
+sessions 9-13, at T >= 3 (one product over all 4T rows changed kernel at 12+
+rows), with the sum over slots of session 14 at none.
 """
 import json
 import pathlib
