@@ -285,21 +285,29 @@ def attend(q, keys, values, q_pos, key_pos, window: Optional[int], strict: bool 
     v = values[:, :, None].astype(jnp.float32)                              # [B, K, 1, S, H]
   else:
     # A tree node is computed over its chain's key layout: its weights and
-    # the values moved into the columns its chain holds them in (ancestors
-    # at consecutive slots, deeper tree slots empty), so that the
-    # denominator's pairwise sum and the value sum below see exactly the
-    # chain's operands in the chain's order.
-    src_t, valid_t = chain_order                                            # [B, T, S]
-    src, valid = (jnp.repeat(a, G, axis=1)[:, None] for a in chain_order)   # [B, 1, TG, S]
-    e = jnp.exp(scores - row_max(scores))
-    e = jnp.where(valid, jnp.take_along_axis(e, jnp.broadcast_to(src, e.shape), axis=-1), 0.)
+    # the values moved into the columns its chain holds them in (its
+    # ancestors at consecutive columns from the tree's first, deeper tree
+    # columns empty), so that the denominator's pairwise sum and the value
+    # sum below see exactly the chain's operands in the chain's order.
+    col0, cols, valid = chain_order              # [B]; [B, T, T] ancestor columns, valid
+    put = jax.vmap(lambda x, blk, c: jax.lax.dynamic_update_slice_in_dim(x, blk, c, axis=2))
+    e = jnp.exp(scores - row_max(scores))                                   # [B, K, TG, S]
+    gcols = jnp.broadcast_to(jnp.repeat(cols, G, axis=1)[:, None], (B, K, T * G, T))
+    e_blk = jnp.where(jnp.repeat(valid, G, axis=1)[:, None],
+                      jnp.take_along_axis(e, gcols, axis=-1), 0.)           # [B, K, TG, T]
+    e = put(e, e_blk, col0)
     probs = e / row_sum(e)
+    v_blk = jnp.take_along_axis(values, jnp.broadcast_to(cols.reshape(B, 1, T * T, 1),
+                                                         (B, K, T * T, 1)), axis=2)
+    v_blk = jnp.where(valid[:, None, :, :, None], v_blk.reshape(B, K, T, T, H), 0)
     S = values.shape[2]
-    v = jnp.take_along_axis(values, src_t.reshape(B, 1, T * S, 1), axis=2).reshape(B, K, T, S, H)
-    v = jnp.where(valid_t[:, None, :, :, None], v, 0).astype(jnp.float32)
-    v = jnp.repeat(v, G, axis=2)                                            # [B, K, TG, S, H]
+    v = jnp.broadcast_to(values[:, :, None], (B, K, T, S, H))
+    v = put(v, v_blk.astype(v.dtype), col0)
+    v = v[:, :, :, None].astype(jnp.float32)                                # [B, K, T, 1, S, H]
   if strict:   # a query at position 0 sees nothing: zero its uniform weights
     probs = probs * jnp.any(mask, -1)[:, None, :, None]
+  if chain_order is not None:
+    probs = probs.reshape(B, K, T, G, -1)
   # The probabilities x values product as a sum over the slot axis, not a
   # dot. A dot over all T * G rows picked its kernel by row count, machine by
   # machine (row 0 of 12+ rows differed from 4 rows on a Zen 3 EPYC, probs
@@ -308,7 +316,7 @@ def attend(q, keys, values, q_pos, key_pos, window: Optional[int], strict: bool 
   # (tools/row_invariance_probe.py checks a machine). Its order over slots
   # is not one slot after another (moving terms between columns changed
   # it), hence the tree's chain layout above.
-  out = jnp.sum(probs[..., None] * v, axis=-2)                              # [B, K, TG, H]
+  out = jnp.sum(probs[..., None] * v, axis=-2)                    # [B, K, TG or T, (G,) H]
   out = out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4)                 # [B, T, K, G, H]
   return out.reshape(B, T, N * H).astype(q.dtype)
 
@@ -341,25 +349,19 @@ def tree_visibility(q_pos, key_slot, first_slot, depths, ancestors, window: Opti
 
 
 def tree_chain_order(key_slot, first_slot, depths, ancestors):
-  """For each tree node and key column, the column its chain would hold
-  there: (src [B, T, S'] int32, valid [B, T, S'] bool). A chain of node i's
-  path holds its depth-n ancestor in tree slot n, where the tree holds node
-  n; columns before the tree are their own, and tree slots deeper than node
-  i are empty in its chain (valid False)."""
+  """Where a tree node's chain holds its ancestors among the key columns:
+  (col0 [B] the tree's first column, cols [B, T, T] int32, valid [B, T, T]).
+  A chain of node i's path holds its depth-n ancestor in column col0 + n,
+  which the tree holds in column cols[b, i, n]; valid marks n <= depth(i)
+  (deeper columns are empty in node i's chain). key_slot [B, S'] holds
+  consecutive slot indices (visible_slots)."""
   B, T = depths.shape
-  n = key_slot - first_slot[:, None]                                        # [B, S']
-  in_tree = (n >= 0) & (n < T)
-  n = jnp.clip(n, 0, T - 1)
-  # at_depth[b, i, d]: node i's ancestor at depth d (0 where it has none).
+  col0 = (first_slot - key_slot[:, 0]).astype(jnp.int32)
   hit = ancestors[:, :, None, :] & (depths[:, None, None, :] ==
                                     jnp.arange(T, dtype=jnp.int32)[None, None, :, None])
   at_depth = jnp.argmax(hit, axis=-1).astype(jnp.int32)                      # [B, T, T]
-  anc = jnp.take_along_axis(at_depth, jnp.broadcast_to(n[:, None, :], (B, T, n.shape[1])),
-                            axis=2)                                         # [B, T, S']
-  col = jnp.arange(key_slot.shape[1], dtype=jnp.int32)[None, None, :]
-  src = jnp.where(in_tree[:, None, :], col - n[:, None, :] + anc, col)
-  valid = ~in_tree[:, None, :] | (n[:, None, :] <= depths[:, :, None])
-  return src, valid
+  valid = jnp.arange(T, dtype=jnp.int32)[None, None, :] <= depths[:, :, None]
+  return col0, col0[:, None, None] + at_depth, valid
 
 
 class RMSNorm(nn.Module):

@@ -31,10 +31,12 @@ def test_layout_worked_example():
   assert tree_lib.TreeShape((2, 1)).leaves() == [[0, 1, 3], [0, 2, 4]]
 
 
-@pytest.mark.parametrize('branching,param_dtype', [((2, 2, 1), 'float32'),
-                                                   ((2, 1, 1, 1, 1), 'float32'),  # deeper than the window
-                                                   ((2, 2, 1), 'bfloat16')])
-def test_tree_verify_equals_chain_per_path(tiny, branching, param_dtype):
+@pytest.mark.parametrize('branching,param_dtype,S,lengths', [
+    ((2, 2, 1), 'float32', 32, (9, 6)),
+    ((2, 1, 1, 1, 1), 'float32', 32, (9, 6)),   # deeper than the window
+    ((2, 2, 1), 'bfloat16', 32, (9, 6)),
+    ((2, 2, 1), 'float32', 1024, (520, 505))])  # wide heads, a tree across slot 512
+def test_tree_verify_equals_chain_per_path(tiny, branching, param_dtype, S, lengths):
   """Two rows at different lengths: every root-to-leaf path's logits and
   hidden states from the tree pass equal a chain pass over that path bit for
   bit, with float32 and with bf16 weights, and after commit_path the cache
@@ -42,20 +44,24 @@ def test_tree_verify_equals_chain_per_path(tiny, branching, param_dtype):
   untouched). Bitwise: a greedy tree must pick AR's token at a near-tie too;
   the softmax denominator summed in slot order differed from the chain's in
   the last bit, and with bf16 weights by ~0.01 in the logits (a model wider
-  than `tiny`, so that such a bit moves a bf16 rounding)."""
+  than `tiny`, so that such a bit moves a bf16 rounding). XLA:CPU sums the
+  value product over 1024 slots of 64-wide heads in blocks of 512 slots
+  (over 32 slots of `tiny`'s 16-wide heads one slot after another), so a
+  tree across slot 512 tells whether each node's values sit in its chain's
+  slot layout (model.attend; with values in tree slots this case failed)."""
   cfg, params = tiny
-  if param_dtype == 'bfloat16':
+  if param_dtype == 'bfloat16' or S > 32:
     cfg = cfg.replace(vocab_size=256, embed_dim=128, hidden_dim=256, num_kv_heads=1,
                       head_dim=64, query_pre_attn_scalar=64.0, param_dtype=param_dtype)
     params = cast_params(init_params(cfg.replace(param_dtype='float32'), jax.random.key(1)),
                          param_dtype)
   shape = tree_lib.TreeShape(branching)
   apply = jax.jit(Transformer(cfg).apply, static_argnames='compute_logits')   # compiled, as decoding runs
-  B, T, S = 2, shape.num_nodes, 32
-  prompts = jnp.array(np.random.default_rng(0).integers(3, cfg.vocab_size, (B, 9)))
+  B, T = 2, shape.num_nodes
+  prompts = jnp.array(np.random.default_rng(0).integers(3, cfg.vocab_size, (B, lengths[0])))
   cache = KVCache.init(cfg, B, S)
   _, _, cache = apply({'params': params}, prompts, cache, compute_logits=False)
-  cache = cache.replace(lengths=jnp.array([9, 6]))             # row 1 rolled back to 6
+  cache = cache.replace(lengths=jnp.array(lengths))            # row 1 rolled back
   nodes = jnp.array(np.random.default_rng(1).integers(3, cfg.vocab_size, (B, T)))
   logits, hidden, tcache = apply({'params': params}, nodes, cache, tree=shape.mask)
   assert (tcache.lengths == cache.lengths + T).all()
