@@ -255,8 +255,8 @@ def attend(q, keys, values, q_pos, key_pos, window: Optional[int], strict: bool 
   (j < p when `strict`) and, with a window, j > p - window. Returns
   [B, T, N * H]; a query that sees no key reads zeros. `mask` [B, T, S]
   (optional) replaces that rule: the tree verify pass's visibility;
-  `chain_order` (its `tree_chain_order`) sums each node's softmax
-  denominator in its chain's key order.
+  `chain_order` (its `tree_chain_order`) computes each node over its
+  chain's key layout.
 
   The scores are one `lax.dot_general` batched over (B, K) with the G * T
   query rows of each kv head stacked: XLA:CPU runs that form 2-5x faster than
@@ -312,10 +312,11 @@ def attend(q, keys, values, q_pos, key_pos, window: Optional[int], strict: bool 
   # dot. A dot over all T * G rows picked its kernel by row count, machine by
   # machine (row 0 of 12+ rows differed from 4 rows on a Zen 3 EPYC, probs
   # on the left at 36 rows on a Zen 4); the sum over slots rounded a row
-  # alike at 1-16 tokens on both and was no slower at Gemma 3 270M's shapes
-  # (tools/row_invariance_probe.py checks a machine). Its order over slots
-  # is not one slot after another (moving terms between columns changed
-  # it), hence the tree's chain layout above.
+  # alike at 1-16 tokens and batch 1-16 on the Zen 3 and was no slower at
+  # Gemma 3 270M's shapes (tools/row_invariance_probe.py checks a machine).
+  # Its order over slots is not one slot after another (1024 slots of
+  # 64-wide heads are added in blocks of 512), hence the tree's chain layout
+  # above.
   out = jnp.sum(probs[..., None] * v, axis=-2)                    # [B, K, TG or T, (G,) H]
   out = out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4)                 # [B, T, K, G, H]
   return out.reshape(B, T, N * H).astype(q.dtype)
