@@ -19,7 +19,9 @@ Seen (2026-11-28) on an AMD EPYC Zen 3 (AVX2, no AVX512_BF16): float32
 matmul differs at every R >= 2 (1 row takes another kernel; 2..64 rows agree
 with each other), bf16 none; attend, with the values-left dot product of
 sessions 9-13, at T >= 3 (one product over all 4T rows changed kernel at 12+
-rows), with the sum over slots of session 14 at none.
+rows), with the sum over slots of session 14 at none. value_sum_blocks: the
+slots where that sum starts a block ([256, 512] for 600 slots x 256, [512]
+for 1024 x 64, none for 32 x 16).
 """
 import json
 import pathlib
@@ -67,7 +69,23 @@ def main():
   at = lambda T: np.asarray(f(q[:, :T], (100 + jnp.arange(T, dtype=jnp.int32))[None]))[0, 0]
   ref = at(1)
   out['attend'][f'cache {S}, tokens'] = [T for T in range(2, 10) if (at(T) != ref).any()]
+  out['value_sum_blocks'] = {f'{S} slots x {H}': value_sum_blocks(S, H)
+                             for S, H in ((600, 256), (1024, 64), (32, 16))}
   print(json.dumps(out))
+
+
+def value_sum_blocks(S: int, H: int):
+  """The slots at which attend's sum over slots starts a new block (block
+  partials added afterwards, so a term's column matters; model.attend moves
+  a tree node into its chain's columns for this). Terms 1 at slot 0 and
+  2^-24 at slots c, c + 1 sum to 1 when added slot by slot and to 1 + 2^-23
+  when c, c + 1 fall in another block than slot 0."""
+  f = jax.jit(lambda p, v: jnp.sum(p[..., None] * v[:, :, None], axis=-2))
+  p = np.zeros((S - 2, 1, 4, S), np.float32)
+  for c in range(1, S - 1):
+    p[c - 1, 0, :, 0], p[c - 1, 0, :, c:c + 2] = 1.0, 2.0 ** -24
+  apart = np.asarray(f(jnp.asarray(p), jnp.ones((S - 2, 1, S, H), jnp.float32)))[:, 0, 0, 0] != 1
+  return [c for c in range(1, S - 1) if apart[c - 1] and (c == 1 or not apart[c - 2])]
 
 
 if __name__ == '__main__':
