@@ -75,6 +75,12 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   # from it where the trained drafter's first-token confidence (the peak of
   # its q) is below this; 0 = off (docs/BENCHMARKS.md section 10).
   c.lookup_unsure = 0.7
+  # ... and, sampling (temperature > 0), a row drafts by lookup only where the
+  # trained drafter gives lookup's first token at least this probability
+  # (a one-hot lookup draft is accepted with the target's probability of its
+  # token); 0 = as greedy, 1 (the default) = where the drafter is certain
+  # of it, i.e. the trained drafter's draft (docs/BENCHMARKS.md section 11).
+  c.lookup_sampled_min = 1.0
   c.draft_model = 'tiny'      # draft_model: 'tiny' (random 2-layer Gemma) | 'target' (itself)
   c.draft_vocab_size = 0      # draft_model=tiny: 0 = the target's (must match)
   c.parallel = 'auto'         # auto | none | pmap | mesh

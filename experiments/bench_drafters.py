@@ -42,6 +42,10 @@ _UNSURE = flags.DEFINE_float('lookup_unsure', drafters.LOOKUP_UNSURE,
                              'The +lookup kinds: rows with only a shorter match draft from it '
                              'where the trained drafter\'s first-token confidence is below '
                              'this (0 = off).')
+_SAMPLED_MIN = flags.DEFINE_float('lookup_sampled_min', drafters.LOOKUP_SAMPLED_MIN,
+                                  'The +lookup kinds, sampling: a row drafts by lookup only '
+                                  'where the trained drafter gives lookup\'s first token at '
+                                  'least this probability (0 = off).')
 _K = flags.DEFINE_integer('draft_len', 4, 'Tokens drafted per round.')
 _NEW = flags.DEFINE_integer('new_tokens', 64, 'New tokens per prompt.')
 _N = flags.DEFINE_integer('prompts', 6, 'Prompts per domain (the first n).')
@@ -60,7 +64,8 @@ def make_drafter(target, kind, k):
     d = api.load_drafter(target, kind, draft_len=k,
                          checkpoint={'mtp': _MTP.value, 'heads': _HEADS.value}.get(base, ''),
                          lookup=_LOOKUP.value if base != kind else 0,
-                         lookup_unsure=_UNSURE.value if base != kind else 0.0)
+                         lookup_unsure=_UNSURE.value if base != kind else 0.0,
+                         lookup_sampled_min=_SAMPLED_MIN.value if base != kind else 0.0)
   except ValueError as e:
     return None, str(e)
   return d.drafter, d.params

@@ -61,7 +61,8 @@ class Result:
 def load_drafter(target: Target, kind: str, *, draft_len: int = 4, checkpoint: str = '',
                  max_ngram: int = 3, min_ngram: int = 1, num_layers: int = 2,
                  seed: int = 0, lookup: int = 0,
-                 lookup_unsure: float = drafters_lib.LOOKUP_UNSURE) -> Drafter:
+                 lookup_unsure: float = drafters_lib.LOOKUP_UNSURE,
+                 lookup_sampled_min: float = drafters_lib.LOOKUP_SAMPLED_MIN) -> Drafter:
   """kind: 'ngram'; 'mtp' / 'heads' (checkpoint '' = the one shipped for the
   target; 'mtp' also takes a Gemma 4 assistant folder for a Gemma 4 target);
   'draft_model' (checkpoint '' = a random `num_layers` Gemma with the
@@ -75,7 +76,9 @@ def load_drafter(target: Target, kind: str, *, draft_len: int = 4, checkpoint: s
   followed them, the other rows take the trained drafter's draft;
   lookup_unsure = c (0.7 by default; 0 = off) also sends a row with a
   shorter match (1 .. n - 1 tokens) to lookup where the trained drafter's
-  first-token confidence is below c."""
+  first-token confidence is below c; lookup_sampled_min = m (0 = off) lets
+  a sampled row draft by lookup only where the trained drafter gives
+  lookup's first token a probability of at least m."""
   from specdec_jax import checkpoints
   from specdec_jax.generation_job import shipped_drafter
   cfg = target.config
@@ -100,7 +103,8 @@ def load_drafter(target: Target, kind: str, *, draft_len: int = 4, checkpoint: s
     if lookup < 1:
       raise ValueError(f'lookup must be >= 1 (0 = off), got {lookup}')
     d = load_drafter(target, kind, draft_len=draft_len, checkpoint=checkpoint)
-    return Drafter(drafters_lib.with_lookup(d.drafter, lookup, max_ngram, lookup_unsure), d.params,
+    return Drafter(drafters_lib.with_lookup(d.drafter, lookup, max_ngram, lookup_unsure,
+                                                    lookup_sampled_min), d.params,
                    f'{kind}+lookup', d.num_params)
   from specdec_jax.loaders import hf_gemma4_assistant
   if kind == 'mtp' and checkpoint and hf_gemma4_assistant.is_assistant_folder(checkpoint):

@@ -325,11 +325,20 @@ class LookupDrafter(Stateless):
   where the model's first-position confidence -- the peak of its first
   draft distribution, a function of the context alone -- is below `unsure`:
   short matches where the model is unsure, the model where it is sure.
+
+  Sampling, a lookup draft is a one-hot q: its first token is accepted with
+  the target's probability of it, where the model's own draft is accepted
+  with sum(min(p, q)). With `sampled_min` > 0 a sampled row (temperature >
+  0) drafts by lookup only where the model's q at position 1 gives lookup's
+  first token at least `sampled_min` (a function of the context alone, so
+  the offered drafts stay distributed as the chosen q); greedy rows keep the
+  rule above. The model then runs every sampled round.
   """
   lookup: NgramDrafter
   model: object
   short: Optional[NgramDrafter] = None
   unsure: float = 0.0
+  sampled_min: float = 0.0
 
   @property
   def draft_len(self):
@@ -358,11 +367,18 @@ class LookupDrafter(Stateless):
         by_short = ~found & (s_start >= 0) & (m_conf[:, 0] < self.unsure)
         use, at = found | by_short, jnp.where(by_short, s_start, start)
       l_drafts, l_q, l_conf = self.lookup.proposal(at, tokens, lengths, greedy)
+      if not greedy and self.sampled_min > 0:
+        # The model's probability of lookup's first token: context only.
+        q_first = jnp.take_along_axis(m_q[:, 0], l_drafts[:, :1], axis=-1)[:, 0]
+        use = use & ((batch.temperature <= 0) | (q_first >= self.sampled_min))
       pick = lambda a, b: jnp.where(use.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
       return (pick(l_drafts, m_drafts), None if greedy else pick(l_q, m_q),
               pick(l_conf, m_conf))
 
-    drafts, q, conf = jax.lax.cond(jnp.all(found), lookup_only, with_model, None)
+    if not greedy and self.sampled_min > 0:
+      drafts, q, conf = with_model(None)
+    else:
+      drafts, q, conf = jax.lax.cond(jnp.all(found), lookup_only, with_model, None)
     return drafts, q, state, conf
 
 
@@ -370,17 +386,26 @@ class LookupDrafter(Stateless):
 # 0 / 0.4 / 0.7 gave code 2.80 / 2.80 / 2.82, prose 1.63 / 1.67 / 1.70, chat
 # 3.07 / 3.07 / 3.10 tokens per call (docs/BENCHMARKS.md section 10).
 LOOKUP_UNSURE = 0.7
+# ... and `sampled_min`'s: at T = 1 on 20 held-out code prompts (k = 4) mtp
+# alone gave 1.82 tokens per call, mtp+lookup with sampled_min 0 / 0.3 / 0.6
+# 1.74 / 1.78 / 1.74 (docs/BENCHMARKS.md section 11): sampling, lookup only
+# where the trained drafter is certain of its token.
+LOOKUP_SAMPLED_MIN = 1.0
 
 
-def with_lookup(model, lookup: int, max_ngram: int = 3, unsure: float = 0.0):
+def with_lookup(model, lookup: int, max_ngram: int = 3, unsure: float = 0.0,
+                sampled_min: float = 0.0):
   """`model` with prompt lookup first: rows with an earlier occurrence of
   their last `lookup` .. max(lookup, max_ngram) tokens draft from it; with
   `unsure` > 0 also rows with a shorter match whose model is less sure than
-  that at its first draft."""
+  that at its first draft; with `sampled_min` > 0 a sampled row only where
+  the model gives lookup's first token at least that probability."""
   if lookup < 1:
     raise ValueError(f'lookup must be >= 1 (0 = off), got {lookup}')
   if not 0 <= unsure <= 1:
     raise ValueError(f'lookup_unsure must be in [0, 1] (0 = off), got {unsure}')
+  if not 0 <= sampled_min <= 1:
+    raise ValueError(f'lookup_sampled_min must be in [0, 1] (0 = off), got {sampled_min}')
   if isinstance(model, (NgramDrafter, DraftModelDrafter, LookupDrafter)):
     raise ValueError('prompt lookup first applies to the stateless trained drafters (mtp, heads, '
                      f'a Gemma 4 assistant), not {type(model).__name__}')
@@ -388,7 +413,8 @@ def with_lookup(model, lookup: int, max_ngram: int = 3, unsure: float = 0.0):
   short = (NgramDrafter(model.draft_len, V, max_ngram=lookup - 1, min_ngram=1)
            if unsure > 0 and lookup > 1 else None)
   return LookupDrafter(NgramDrafter(model.draft_len, V, max_ngram=max(lookup, max_ngram),
-                                    min_ngram=lookup), model, short, float(unsure) if short else 0.0)
+                                    min_ngram=lookup), model, short, float(unsure) if short else 0.0,
+                      float(sampled_min))
 
 
 def _scored(drafter, *args):

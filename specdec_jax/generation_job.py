@@ -75,6 +75,8 @@ def validate(c) -> None:
                     f'got {c.lookup}')
   if not 0 <= c.get('lookup_unsure', 0.0) <= 1:
     raise UserError(f'lookup_unsure must be in [0, 1] (0 = off), got {c.lookup_unsure}')
+  if not 0 <= c.get('lookup_sampled_min', 0.0) <= 1:
+    raise UserError(f'lookup_sampled_min must be in [0, 1] (0 = off), got {c.lookup_sampled_min}')
   validate_policy(c)
   shape = tree_shape(c)
   if c.parallel not in PARALLEL:
@@ -217,7 +219,8 @@ def make_drafter(c, target):
   kind = resolve_drafter(c)
   d, params = _make_drafter(c, target, base_kind(kind))
   if '+' in kind:
-    d = drafters.with_lookup(d, c.get('lookup', 2), c.max_ngram, c.get('lookup_unsure', 0.0))
+    d = drafters.with_lookup(d, c.get('lookup', 2), c.max_ngram, c.get('lookup_unsure', 0.0),
+                             c.get('lookup_sampled_min', 0.0))
   return d, params
 
 
@@ -285,6 +288,8 @@ def settings(c, rows) -> dict:
     s.update(lookup=c.get('lookup', 2), max_ngram=c.max_ngram)
     if c.get('lookup_unsure', 0.0):
       s['lookup_unsure'] = c.lookup_unsure
+    if c.get('lookup_sampled_min', 0.0) and c.temperature > 0:   # greedy rounds ignore it
+      s['lookup_sampled_min'] = c.lookup_sampled_min
   kind = base_kind(kind)
   if kind in ('mtp', 'heads'):
     path = c.drafter_checkpoint or shipped_drafter(c.model, kind)

@@ -148,6 +148,8 @@ def parse(c):
     raise UserError(f'lookup must be >= 1 (the +lookup drafters\' shortest match), got {c.lookup}')
   if not 0 <= c.get('lookup_unsure', 0.0) <= 1:
     raise UserError(f'lookup_unsure must be in [0, 1] (0 = off), got {c.lookup_unsure}')
+  if not 0 <= c.get('lookup_sampled_min', 0.0) <= 1:
+    raise UserError(f'lookup_sampled_min must be in [0, 1] (0 = off), got {c.lookup_sampled_min}')
   if c.max_prompt_len < 0 or not 1 <= c.min_ngram <= c.max_ngram:
     raise UserError('max_prompt_len must be >= 0 (0 = whole prompts) and '
                     '1 <= min_ngram <= max_ngram')
@@ -289,6 +291,7 @@ def build_drafter(entry, k, target, c):
     d = api.load_drafter(target, kind, draft_len=k, max_ngram=c.max_ngram,
                          min_ngram=c.min_ngram, lookup=c.get('lookup', 2) if '+' in kind else 0,
                          lookup_unsure=c.get('lookup_unsure', 0.0),
+                         lookup_sampled_min=c.get('lookup_sampled_min', 0.0),
                          seed=c.seed, num_layers=int(arg) if arg.isdigit() else 2,
                          checkpoint='target' if arg == 'target' else
                          ('' if kind == 'draft_model' else arg))

@@ -94,6 +94,9 @@ class BrokenDrafter:
     below the threshold, instead of the peak of its distribution: the choice
     then depends on the draw, and the model's offered drafts are no longer
     distributed as its q.
+  - 'sampled_min_of_drawn_token' (mtp+lookup with sampled_min): a sampled
+    row drafts by lookup where the model's q of the token it drew (not of
+    lookup's first token) reaches the bar: the choice depends on the draw.
   """
   base: Any
   bug: str
@@ -117,6 +120,9 @@ class BrokenDrafter:
       d, _, state = self.base.draft(params, state, tokens, lengths, keys, batch, greedy, target)
       _, q, _ = self.base.model.draft(params, state, tokens, lengths, keys, batch, greedy, target)
       return d, q, state
+    if self.bug == 'sampled_min_of_drawn_token':
+      return self._sampled_min_of_drawn_token(params, state, tokens, lengths, keys, batch,
+                                              greedy, target)
     if self.bug == 'unsure_by_drawn_token':
       return self._unsure_by_drawn_token(params, state, tokens, lengths, keys, batch, greedy,
                                          target)
@@ -133,6 +139,18 @@ class BrokenDrafter:
     drawn_q = jnp.take_along_axis(m_q[:, 0], m_drafts[:, :1], axis=1)[:, 0]
     start = jnp.where(start >= 0, start, jnp.where(drawn_q < base.unsure, s_start, -1))
     use = start >= 0
+    l_drafts, l_q, _ = base.lookup.proposal(start, tokens, lengths, greedy)
+    pick = lambda a, b: jnp.where(use.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+    return pick(l_drafts, m_drafts), pick(l_q, m_q), state
+
+  def _sampled_min_of_drawn_token(self, params, state, tokens, lengths, keys, batch, greedy,
+                                  target):
+    base = self.base                                     # a LookupDrafter with sampled_min
+    m_drafts, m_q, _ = base.model.draft(params, state, tokens, lengths, keys, batch, greedy,
+                                        target)
+    start = base.lookup._match(tokens, lengths)
+    drawn_q = jnp.take_along_axis(m_q[:, 0], m_drafts[:, :1], axis=1)[:, 0]
+    use = (start >= 0) & (drawn_q >= base.sampled_min)
     l_drafts, l_q, _ = base.lookup.proposal(start, tokens, lengths, greedy)
     pick = lambda a, b: jnp.where(use.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
     return pick(l_drafts, m_drafts), pick(l_q, m_q), state

@@ -94,6 +94,7 @@ BAD = [
     (dict(drafter='ngram', tree='50,1', cache_size=128), "tree's 101 nodes it needs a cache"),
     (dict(drafter='mtp+lookup', lookup=0), 'lookup must be >= 1'),
     (dict(drafter='mtp+lookup', lookup_unsure=1.5), 'lookup_unsure must be in [0, 1]'),
+    (dict(drafter='mtp+lookup', lookup_sampled_min=2), 'lookup_sampled_min must be in [0, 1]'),
     (dict(drafter='mtp+lookup', tree='2,1'), 'trees are not drafted by mtp+lookup'),
     (dict(drafter='ngram+lookup'), 'unknown drafter'),
 ]

@@ -236,6 +236,37 @@ def test_lookup_unsure_takes_a_shorter_match_where_the_model_is_unsure(tiny):
     drafters.with_lookup(model, 2, unsure=1.5)
 
 
+def test_lookup_sampled_min_keeps_lookup_where_the_model_gives_its_token_the_bar(tiny):
+  """Sampling with sampled_min = m: a T > 0 row with a match drafts by lookup
+  only where the mtp drafter's first q gives lookup's first token >= m (its
+  q then one-hot), else the mtp draft and q; a T = 0 row in the same batch
+  keeps lookup; greedy rounds ignore m."""
+  cfg, params = tiny
+  model, dp = trained_drafter(cfg, 'mtp', 4)
+  prompts = [[2, 10, 11, 12, 10], [2, 10, 11, 12, 10], [2, 50, 51, 52, 53]]
+  state, batch, view, keys = prefilled_rows(cfg, params, model, dp, prompts)
+  batch = batch.replace(temperature=jnp.array([1.0, 0.0, 1.0]))
+  args = (dp, (), state.tokens, state.lengths, keys, batch, False, view)
+  m_drafts, m_q, _, _ = model.draft_scored(*args)
+  q_l = float(m_q[0, 0, 11])                      # lookup's first token after 10
+  assert 0 < q_l < 1
+  for m, by_lookup in ((0.0, True), (q_l, True), (min(1.0, q_l + 1e-4), False), (1.0, False)):
+    drafts, q, _, _ = drafters.with_lookup(model, 1, sampled_min=m).draft_scored(*args)
+    if by_lookup:
+      np.testing.assert_array_equal(drafts[0], [11, 12, 10, 10])
+      np.testing.assert_array_equal(q[0], jax.nn.one_hot(drafts[0], cfg.vocab_size))
+    else:
+      np.testing.assert_array_equal(drafts[0], m_drafts[0])
+      np.testing.assert_array_equal(q[0], m_q[0])
+    np.testing.assert_array_equal(drafts[1], [11, 12, 10, 10])          # T = 0: lookup
+    np.testing.assert_array_equal(drafts[2], m_drafts[2])               # no match
+  greedy = drafters.with_lookup(model, 1, sampled_min=1.0).draft_scored(
+      dp, (), state.tokens, state.lengths, keys, batch, True, view)[0]
+  np.testing.assert_array_equal(greedy[:2], [[11, 12, 10, 10]] * 2)
+  with pytest.raises(ValueError, match='lookup_sampled_min'):
+    drafters.with_lookup(model, 1, sampled_min=1.5)
+
+
 def test_ngram_abstains_without_a_match(tiny):
   """A pending token never seen before: the round is a plain AR step. A batch
   mixing rows that abstain with rows that verify gives every row its solo run
@@ -378,6 +409,10 @@ def sampled_case(cfg, dparams, kind):
     # draws by the peak of mtp's first q (the threshold: first_round_unsure)
     d, p = trained_drafter(cfg, 'mtp', 2, seed=3, vocab_size=12)
     return drafters.with_lookup(d, 2, unsure=0.5), p, [2, 5, 9, 5]
+  if kind == 'lookup_sampled':   # lookup 1: a row with a match drafts by lookup where mtp's
+    # first q gives lookup's first token the bar (first_round_sampled_min)
+    d, p = trained_drafter(cfg, 'mtp', 2, seed=3, vocab_size=12)
+    return drafters.with_lookup(d, 1, sampled_min=0.5), p, [2, 5, 9, 5]
   drafter, p = trained_drafter(cfg, kind, 2, seed=3, vocab_size=12)   # q = 0 off its 12 ids
   return drafter, p, [2, 5, 9]
 
@@ -393,6 +428,7 @@ REALISTIC_BUG = {
     'ngram': (('accept', 'residual_not_renormalised'), SETTINGS[0]),
     'lookup': (('drafter', 'model_q_for_lookup_rows'), SETTINGS[1]),
     'lookup_unsure': (('drafter', 'unsure_by_drawn_token'), SETTINGS[0]),
+    'lookup_sampled': (('drafter', 'sampled_min_of_drawn_token'), SETTINGS[0]),
 }
 
 
@@ -413,10 +449,27 @@ def first_round_unsure(cfg, params, drafter, dp, prompt, setting):
   return dataclasses.replace(drafter, unsure=0.98 * float(conf[0, 0]))
 
 
+def first_round_sampled_min(cfg, params, drafter, dp, prompt, setting):
+  """lookup_sampled's bar for the sampled test: just below the probability
+  mtp's first q after the prompt gives lookup's first token (the prompt
+  [2, 5, 9, 5] drafts 9 by lookup), so the first round drafts by lookup,
+  while the bug of negative_controls' 'sampled_min_of_drawn_token' does only
+  when mtp's draw is as likely."""
+  gen = generate.Generator(cfg, cache_size=16, greedy=False, drafter=drafter.model)
+  batch = generate.make_batch([prompt], batch_size=1, bucket_len=16, max_new_tokens=NEW,
+                              keys=jax.random.key(0)[None], temperature=setting[0],
+                              top_k=setting[1], top_p=setting[2])
+  state = gen.prefill(params, batch, dp)
+  view = drafters.TargetView(embedding=params['embedding'], cache=state.cache, hidden=state.hidden)
+  q = drafter.model.draft(dp, (), state.tokens, state.lengths, jax.random.key(1)[None],
+                          batch, False, view)[1]
+  return dataclasses.replace(drafter, sampled_min=0.98 * float(q[0, 0, prompt[2]]))
+
+
 # Every kind at every setting; mtp+lookup (whose parts are the mtp and ngram
 # kinds above) at the two that warp q, its T = 1 case is the bf16 test's.
 SAMPLED_CASES = ([(kind, s) for kind in ('draft_model', 'mtp', 'heads', 'ngram') for s in SETTINGS]
-                 + [('lookup', s) for s in SETTINGS[1:]] + [('lookup_unsure', SETTINGS[0])])
+                 + [('lookup', s) for s in SETTINGS[1:]] + [('lookup_unsure', SETTINGS[0]), ('lookup_sampled', SETTINGS[0])])
 
 
 @pytest.mark.parametrize('kind, setting', SAMPLED_CASES,
@@ -436,6 +489,8 @@ def test_sampled_speculative_matches_autoregressive_distribution(small_target, s
   drafter, dp, prompt = sampled_case(cfg, dparams, kind)
   if kind == 'lookup_unsure':
     drafter = first_round_unsure(cfg, params, drafter, dp, prompt, setting)
+  if kind == 'lookup_sampled':
+    drafter = first_round_sampled_min(cfg, params, drafter, dp, prompt, setting)
   spec = sampled_run(cfg, params, prompt, drafter, dp, setting)
   calls = np.array([s['target_calls'] for s in spec])
   if kind == 'ngram':   # both kinds of round ran (top-k may cut every proposal)

@@ -146,6 +146,7 @@ def test_table_is_recomputed_from_raw(tiny_sweep):
     ('drafters', 'mtp+lookahead', "unknown drafter 'mtp+lookahead'"),
     ('lookup', 0, 'lookup must be >= 1'),
     ('lookup_unsure', -0.1, 'lookup_unsure must be in [0, 1]'),
+    ('lookup_sampled_min', 1.5, 'lookup_sampled_min must be in [0, 1]'),
     ('domains', 'code,poetry', "unknown domain 'poetry'"),
     ('batch_sizes', '0', 'every value must be >= 1'),
     ('draft_lens', '', 'draft_lens is empty'),
