@@ -5,14 +5,20 @@
 Weights in bfloat16 halve the bytes a decode step reads; matmuls then take
 bf16 operands and accumulate in float32 (model.matmul), while norms, RoPE,
 softmax and the sampler stay float32. Whether that is faster depends on the
-hardware: TPUs and GPUs multiply bf16 natively; on CPUs it takes AVX512_BF16
-or AMX, and even then XLA:CPU's kernels may not deliver it at the few rows a
-decode step multiplies. So `auto` on a CPU with the instructions times the
-product that dominates a step of Gemma 3 270M (its 262,144 x 640 LM head) at
-1 and at 5 rows (a decode step and a k = 4 verify pass) in both weight dtypes,
-once per machine, and picks bf16 only if it wins on the sum; the verdict is
-cached under ~/.cache/specdec_jax/ keyed by CPU model, flags and jax version.
-`float32` weights keep the exact model for parity checks.
+hardware: TPUs and GPUs multiply bf16 natively; on CPUs XLA:CPU's kernels
+decide, with or without AVX512_BF16 / AMX, and differently at the few rows
+a decode step multiplies than at the 5+ of a verify pass. So `auto` on a CPU
+times the product that dominates a step of Gemma 3 270M (its 262,144 x 640
+LM head) at 1 and at 5 rows (a decode step and a k = 4 verify pass) in both
+weight dtypes, once per machine, and picks bf16 only if it wins on the sum;
+the verdict is cached under ~/.cache/specdec_jax/ keyed by CPU model, flags
+and jax version. Seen with jax 0.10.2 (`python -m experiments.bench_ar`):
+on a Zen 4 EPYC with AVX512_BF16 bf16 wins at both; on a Zen 3 EPYC (AVX2,
+no bf16 instructions) float32 wins at 1 row (35 vs 39 ms) and bf16 at 5
+(64 vs 37 ms), so a decode step is 0.74x as fast in bf16 there but a k = 4
+verify pass costs 1.2 bf16 steps instead of 2.5 float32 ones, and `auto`
+picks bf16 (the README, "Across CPUs"). `float32` weights keep the exact
+model for parity checks and the fastest plain decoding on such a CPU.
 """
 import functools
 import hashlib
@@ -79,8 +85,6 @@ def _cpu_verdict() -> Tuple[str, str]:
   """('bfloat16' | 'float32', why) for this CPU, measured once and cached."""
   import jax
   name, flags = cpu_info()
-  if not cpu_has_bf16(flags):
-    return 'float32', f'CPU {name or "?"} has no AVX512_BF16/AMX-BF16'
   key = hashlib.sha256(f'{name}|{sorted(flags)}|{jax.__version__}'.encode()).hexdigest()[:16]
   path = _CACHE / f'precision-{key}.json'
   try:
@@ -90,7 +94,8 @@ def _cpu_verdict() -> Tuple[str, str]:
     pass
   ms = {d: [_time_head(d, r) * 1e3 for r in (1, 5)] for d in ('float32', 'bfloat16')}
   best = 'bfloat16' if sum(ms['bfloat16']) < sum(ms['float32']) else 'float32'
-  why = (f'CPU {name} has bf16 instructions; LM head at 1 / 5 rows: float32 '
+  has = 'has' if cpu_has_bf16(flags) else 'has no'
+  why = (f'CPU {name or "?"} {has} bf16 instructions; LM head at 1 / 5 rows: float32 '
          f'{ms["float32"][0]:.1f} / {ms["float32"][1]:.1f} ms, bfloat16 '
          f'{ms["bfloat16"][0]:.1f} / {ms["bfloat16"][1]:.1f} ms (measured once, cached in {path})')
   try:
