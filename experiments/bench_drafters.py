@@ -9,8 +9,13 @@ fortunes quotations; neither is in the drafter training data; see
 tools/make_prompt_sets.py). For each domain, AR and each drafter run in this
 one process on the same prompts (batch 1, one bucket per domain so each
 mode compiles once; compile time is excluded and printed separately); times
-are the sum over prompts of the median of `repeats` runs. Greedy runs assert
-that every speculative output equals AR's token for token.
+are the sum over prompts of the median of `repeats` runs. `speedup` is end to
+end (prefill + decode, as this script always reported it), `decode_speedup`
+the decode loop alone (prefill excluded: it is the same work in both modes,
+and with the prompts padded to one bucket per domain it is a large share of
+a 64-token generation: ~1.4 s of ~5 s per code prompt with bf16 weights on a
+Zen 3). Greedy runs assert that every speculative output equals AR's token
+for token.
 
 Drafters: ngram (prompt lookup), draft_model (an untrained random 2-layer
 Gemma with the full vocabulary: a floor, not a contender), mtp and heads
@@ -18,6 +23,12 @@ Gemma with the full vocabulary: a floor, not a contender), mtp and heads
 heads+lookup: prompt lookup first where the last --lookup+ tokens occurred
 earlier, the trained drafter elsewhere. Prints one JSON line
 per (domain, drafter) and then a markdown table.
+
+--ar_param_dtype=float32 also times plain AR with the weights in that dtype
+(another model: its outputs are not compared) and adds the speedup against
+it: on a CPU where `auto` picks bf16 for its verify passes but a float32
+decode step is faster (a Zen 3 EPYC: README, "Across CPUs"), that is the
+speedup over the fastest plain decoding there.
 """
 import json
 import statistics
@@ -55,6 +66,9 @@ _MTP = flags.DEFINE_string('mtp', '', 'mtp drafter folder; empty = the shipped o
 _HEADS = flags.DEFINE_string('heads', '', 'heads drafter folder; empty = the shipped one.')
 _PARAM_DTYPE = flags.DEFINE_enum('param_dtype', 'auto', ['auto', 'bfloat16', 'float32'],
                                     'Weight dtype (auto: precision.resolve).')
+_AR_DTYPE = flags.DEFINE_enum('ar_param_dtype', '', ['', 'bfloat16', 'float32'],
+                              'Also time plain AR with weights in this dtype (another model, '
+                              'not compared) and print the speedup against it.')
 
 
 def make_drafter(target, kind, k):
@@ -72,7 +86,8 @@ def make_drafter(target, kind, k):
 
 
 def run_mode(gen, params, dparams, prompts, bucket_len):
-  """(compile s, total s, completions): one compile, then per-prompt medians."""
+  """(compile s, total s, decode s, completions): one compile, then per-prompt
+  medians of prefill + decode and of decode alone."""
   def batch(ids, i):
     return generate.make_batch([ids], batch_size=1, bucket_len=bucket_len,
                                max_new_tokens=_NEW.value, keys=jax.random.key(i)[None],
@@ -83,17 +98,22 @@ def run_mode(gen, params, dparams, prompts, bucket_len):
   dec = gen.decode.lower(gen, params, jax.eval_shape(lambda: pre(params, b0, dparams)),
                          dparams).compile()
   compile_s = time.perf_counter() - t
-  total, rows = 0.0, []
+  total, decode, rows = 0.0, 0.0, []
   for i, ids in enumerate(prompts):
     b = batch(ids, i)
-    times = []
+    times, dec_times = [], []
     for _ in range(_REPEATS.value):
       t = time.perf_counter()
-      state = jax.block_until_ready(dec(params, pre(params, b, dparams), dparams))
-      times.append(time.perf_counter() - t)
+      s0 = jax.block_until_ready(pre(params, b, dparams))
+      t1 = time.perf_counter()
+      state = jax.block_until_ready(dec(params, s0, dparams))
+      t2 = time.perf_counter()
+      times.append(t2 - t)
+      dec_times.append(t2 - t1)
     total += statistics.median(times)
+    decode += statistics.median(dec_times)
     rows += generate.completions(state, gen.config.eos_id)
-  return compile_s, total, rows
+  return compile_s, total, decode, rows
 
 
 def main(_):
@@ -105,21 +125,28 @@ def main(_):
   print(json.dumps({'precision': target.precision}), flush=True)
   cfg, params, tok = target.config, target.params, target.tokenizer
   k, greedy = _K.value, _TEMP.value == 0
+  other = None
+  if _AR_DTYPE.value and _AR_DTYPE.value != cfg.param_dtype:
+    other = load_target('gemma3_270m', param_dtype=_AR_DTYPE.value)
   results = []
   for domain in _DOMAINS.value:
     prompts = sweep.load_prompts(sweep.PROMPT_DIR, domain, tok, _N.value, 0)
     bucket_len = generate.bucket(max(map(len, prompts)))
     cache = -(-(bucket_len + _NEW.value + k + 1) // 128) * 128
     ar = generate.Generator(cfg, cache_size=cache, greedy=greedy)
-    ar_c, ar_s, ar_rows = run_mode(ar, params, None, prompts, bucket_len)
+    ar_c, ar_s, ar_dec, ar_rows = run_mode(ar, params, None, prompts, bucket_len)
     ar_tokens = sum(r['new_tokens'] for r in ar_rows)
+    if other is not None:
+      ar2 = generate.Generator(other.config, cache_size=cache, greedy=greedy)
+      _, ar2_s, ar2_dec, ar2_rows = run_mode(ar2, other.params, None, prompts, bucket_len)
+      ar2_tokens = sum(r['new_tokens'] for r in ar2_rows)
     for kind in _DRAFTERS.value:
       d, dparams = make_drafter(target, kind, k)
       if d is None:
         print(json.dumps({'domain': domain, 'drafter': kind, 'skipped': dparams}))
         continue
       gen = generate.Generator(cfg, cache_size=cache, greedy=greedy, drafter=d)
-      sp_c, sp_s, rows = run_mode(gen, params, dparams, prompts, bucket_len)
+      sp_c, sp_s, sp_dec, rows = run_mode(gen, params, dparams, prompts, bucket_len)
       tokens = sum(r['new_tokens'] for r in rows)
       calls = sum(r['target_calls'] for r in rows)
       identical = [r['completion_ids'] for r in rows] == [r['completion_ids'] for r in ar_rows]
@@ -132,22 +159,34 @@ def main(_):
                  ar_tokens_per_second=round(ar_tokens / ar_s, 2),
                  spec_tokens_per_second=round(tokens / sp_s, 2),
                  speedup=round((tokens / sp_s) / (ar_tokens / ar_s), 3),
+                 decode_speedup=round((tokens / sp_dec) / (ar_tokens / ar_dec), 3),
                  spec_ms_per_token=round(sp_s / tokens * 1e3, 1),
                  mean_accepted_per_call=round(tokens / calls, 3),
                  acceptance_by_position=[round(float(a), 3) for a in acc],
                  greedy_identical=identical if greedy else None,
                  compile_seconds=dict(ar=round(ar_c, 1), spec=round(sp_c, 1)))
+      if other is not None:
+        o = other.config.param_dtype
+        res.update({f'ar_{o}_tokens_per_second': round(ar2_tokens / ar2_s, 2),
+                    f'speedup_vs_{o}_ar': round((tokens / sp_s) / (ar2_tokens / ar2_s), 3),
+                    f'decode_speedup_vs_{o}_ar':
+                        round((tokens / sp_dec) / (ar2_tokens / ar2_dec), 3)})
       results.append(res)
       print(json.dumps(res), flush=True)
   print()
   print(f'k = {k}, temperature = {_TEMP.value}, {_N.value} prompts x {_NEW.value} new tokens '
         'per domain, batch 1')
   print()
-  print('| domain | drafter | AR tok/s | spec tok/s | speedup | tokens/call | acceptance by position |')
-  print('|---|---|---|---|---|---|---|')
+  o = other and other.config.param_dtype
+  extra = f' | vs {o} AR: speedup, decode speedup' if o else ''
+  print(f'| domain | drafter | AR tok/s | spec tok/s | speedup | decode speedup{extra} | '
+        'tokens/call | acceptance by position |')
+  print('|---|---|---|---|---|---|' + ('---|' if o else '') + '---|---|')
   for r in results:
+    cells = (f' | {r[f"speedup_vs_{o}_ar"]}x, {r[f"decode_speedup_vs_{o}_ar"]}x' if o else '')
     print(f'| {r["domain"]} | {r["drafter"]} | {r["ar_tokens_per_second"]} | '
-          f'{r["spec_tokens_per_second"]} | {r["speedup"]}x | {r["mean_accepted_per_call"]} | '
+          f'{r["spec_tokens_per_second"]} | {r["speedup"]}x | {r["decode_speedup"]}x{cells} | '
+          f'{r["mean_accepted_per_call"]} | '
           f'{" / ".join(str(a) for a in r["acceptance_by_position"])} |')
 
 
