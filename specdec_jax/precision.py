@@ -98,6 +98,8 @@ def _cpu_verdict() -> Tuple[str, str]:
   why = (f'CPU {name or "?"} {has} bf16 instructions; LM head at 1 / 5 rows: float32 '
          f'{ms["float32"][0]:.1f} / {ms["float32"][1]:.1f} ms, bfloat16 '
          f'{ms["bfloat16"][0]:.1f} / {ms["bfloat16"][1]:.1f} ms (measured once, cached in {path})')
+  if best == 'bfloat16' and ms['float32'][0] < ms['bfloat16'][0]:
+    why += '; float32 is faster at 1 row: plain decoding alone runs faster with param_dtype=float32'
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f'.{os.getpid()}.tmp')   # per process: several may measure

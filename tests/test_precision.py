@@ -94,4 +94,6 @@ def test_auto_measures_once_and_caches_the_verdict(monkeypatch, tmp_path, faster
     precision._cpu_verdict.cache_clear()
   assert pd == faster and 'Test CPU' in why
   assert ('has no bf16' in why) == ('avx512_bf16' not in flags)
+  # bf16 chosen while float32 wins a single row: the summary says so
+  assert ('param_dtype=float32' in why) == (faster == 'bfloat16')
   assert precision.resolve('float32')[0] == 'float32'     # explicit names need no verdict
