@@ -15,7 +15,13 @@ Measured 2026-11-28 (AMD EPYC Zen 3, 2 cores, no AVX512_BF16: float32
 weights; seed 2): 42-59 tok/s per batch of 16 when alone, 5-13 beside the
 test suite; 119,476 tokens (640 prompts, 10 shards of 56 MB) in 1 h 50 min
 of a shared session. The shipped drafter was trained further on them
-(docs/BENCHMARKS.md section 10).
+(docs/BENCHMARKS.md section 10). Since session 15 `auto` picks bf16 weights
+on that CPU (section 12), so that float32 folder resumes with
+`--config.param_dtype=float32` (it holds 17 shards, 200,668 tokens, 1,088
+prompts); session 15 started a bf16 one beside it with another seed
+(`--config.seed=3 --config.param_dtype=bfloat16
+--config.folder=outputs/distill/gemma3_270m_literary_bf16`; training takes
+both: `--config.shards=A,B`).
 
 The same command resumes (after a kill, a reboot, or on another machine with
 the folder copied); `--config.max_prompts` may be raised to continue further.
@@ -23,7 +29,9 @@ the folder copied); `--config.max_prompts` may be raised to continue further.
 The target continues prompts cut from Python stdlib sources, the Python docs'
 reST, git's documentation and written chat openings (distill_data.CHAT_OPENINGS),
 greedy or sampled at T = 1 (`greedy_fraction`), batched, with bf16 weights
-where the CPU has them (param_dtype=auto). Its hidden states, top-16
+where `param_dtype=auto` picks them (a folder keeps the weight dtype it was
+started with: `--config.param_dtype=` the manifest's to resume one written
+before auto changed on a CPU, as below). Its hidden states, top-16
 log-probs and the KV of the layers the drafter reads are recorded while it
 generates, into append-only shards under `folder` (manifest.json lists them
 with sha256). Rerunning the same command resumes after the last complete
