@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from specdec_jax import sampling
 from specdec_jax.drafters import Stateless
+from specdec_jax.model import take_rows
 from specdec_jax.models.gemma4_assistant import AssistantConfig, Gemma4Assistant
 
 
@@ -33,7 +34,7 @@ class AssistantDrafter(Stateless):
     t = cfg.target
     E = target.embedding                                                  # [V, D_t]
     scale = jnp.asarray(math.sqrt(t.embed_dim), t.jnp_dtype)
-    embed = lambda tok: (jnp.take(E, tok, axis=0).astype(t.jnp_dtype) * scale)[:, None, :]
+    embed = lambda tok: (take_rows(E, tok).astype(t.jnp_dtype) * scale)[:, None, :]
     q_pos = (lengths - 1)[:, None]                                        # the pending token
     kvs = tuple((target.cache.k[l], target.cache.v[l]) for l in cfg.target_layers)
     net = Gemma4Assistant(cfg)

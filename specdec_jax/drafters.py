@@ -57,7 +57,7 @@ from flax import struct
 from specdec_jax import sampling
 from specdec_jax.config import ModelConfig
 from specdec_jax.drafter_models import DrafterConfig, HeadsNet, MTPNet
-from specdec_jax.model import KVCache, build
+from specdec_jax.model import KVCache, build, take_rows
 
 
 @struct.dataclass
@@ -250,9 +250,9 @@ class _Trained(Stateless):
     E = target.embedding
     # The head's rows stay in the target's weight dtype: gathered, not converted
     # (bf16 rows multiply as every bf16 weight does, model.matmul).
-    sub = jnp.take(E, params['vocab'], axis=0)                            # [R, D]
+    sub = take_rows(E, params['vocab'])                                   # [R, D]
     scale = jnp.asarray(math.sqrt(t.embed_dim), t.jnp_dtype)
-    embed = lambda tok: (jnp.take(E, tok, axis=0).astype(t.jnp_dtype) * scale)[:, None, :]
+    embed = lambda tok: (take_rows(E, tok).astype(t.jnp_dtype) * scale)[:, None, :]
     return sub, embed
 
 

@@ -54,7 +54,7 @@ import optax
 
 from specdec_jax.drafter_models import DrafterConfig, HeadsNet, MTPNet, init_drafter_params
 from specdec_jax.errors import UserError
-from specdec_jax.model import KVCache, Transformer, lm_head
+from specdec_jax.model import KVCache, Transformer, lm_head, take_rows
 
 TOPK = 16
 # Part of the feature cache key: bump it when the windowing or the feature
@@ -288,9 +288,9 @@ def drafter_outputs(dcfg: DrafterConfig, net_params, embedding, vocab, batch, de
   t_cfg = dcfg.target
   tokens = batch['tokens']
   B, T = tokens.shape
-  sub = jnp.take(embedding, vocab, axis=0).astype(t_cfg.jnp_dtype)
+  sub = take_rows(embedding, vocab).astype(t_cfg.jnp_dtype)
   scale = math.sqrt(t_cfg.embed_dim)
-  embed = lambda tok: jnp.take(embedding, tok, axis=0).astype(t_cfg.jnp_dtype) * scale
+  embed = lambda tok: take_rows(embedding, tok).astype(t_cfg.jnp_dtype) * scale
   h = batch['hidden'].astype(t_cfg.jnp_dtype)
   if dcfg.kind == 'heads':
     logits = HeadsNet(dcfg).apply({'params': net_params}, embed(_shift(tokens, 1)), h, sub)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from specdec_jax.model import KVCache, Transformer
+from specdec_jax.model import KVCache, Transformer, take_rows
 
 
 def _full(cfg, params, tokens):
@@ -120,3 +120,26 @@ def test_a_query_rounds_alike_among_any_number_of_rows():
   np.testing.assert_allclose(row_sum(y), y.sum(-1, keepdims=True), rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(row_max(y), y.max(-1, keepdims=True))
   np.testing.assert_allclose(row_softmax(y), jax.nn.softmax(y, -1), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float32])
+def test_take_rows_is_take_without_casting_the_table(dtype):
+  """take_rows == jnp.take bit for bit, gradient included; in a loop over a
+  bf16 table, the compiled program holds no float32 copy of the table (XLA:CPU
+  gathers bf16 in float32 and hoisted that cast of the whole table)."""
+  table = jax.random.normal(jax.random.key(0), (4096, 64)).astype(dtype)
+  ids = jnp.array([[3, 4095, 0], [7, 7, 1]])
+  np.testing.assert_array_equal(take_rows(table, ids), jnp.take(table, ids, axis=0))
+  w = jax.random.normal(jax.random.key(1), (2, 3, 64))
+  loss = lambda take: lambda t: jnp.sum(take(t, ids).astype(jnp.float32) * w)
+  np.testing.assert_array_equal(jax.grad(loss(take_rows))(table),
+                                jax.grad(loss(lambda t, i: jnp.take(t, i, axis=0)))(table))
+
+  def loop(take):
+    def body(i, acc):
+      return acc + take(table, ids[:, :1] + i).astype(jnp.float32)
+    return jax.jit(lambda: jax.lax.fori_loop(0, 5, body, jnp.zeros((2, 1, 64))))
+  hlo = loop(take_rows).lower().compile().as_text()
+  if dtype == jnp.bfloat16:
+    assert 'f32[4096,64]' not in hlo
+    assert 'f32[4096,64]' in loop(lambda t, i: jnp.take(t, i, axis=0)).lower().compile().as_text()

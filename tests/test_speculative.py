@@ -432,20 +432,26 @@ REALISTIC_BUG = {
 }
 
 
-def first_round_unsure(cfg, params, drafter, dp, prompt, setting):
-  """lookup_unsure's threshold for the sampled test: just below the peak of
-  mtp's first q after the prompt, so the first round (the prompt's only
-  match is its last token) drafts from mtp, while the bug of
-  negative_controls' 'unsure_by_drawn_token' sends every draw other than the
-  peak token to lookup."""
+def first_round_scored(cfg, params, drafter, dp, prompt, setting):
+  """What the +lookup drafter's model drafts in the first sampled round after
+  `prompt`: its draft_scored (drafts, q, state, confidence)."""
   gen = generate.Generator(cfg, cache_size=16, greedy=False, drafter=drafter.model)
   batch = generate.make_batch([prompt], batch_size=1, bucket_len=16, max_new_tokens=NEW,
                               keys=jax.random.key(0)[None], temperature=setting[0],
                               top_k=setting[1], top_p=setting[2])
   state = gen.prefill(params, batch, dp)
   view = drafters.TargetView(embedding=params['embedding'], cache=state.cache, hidden=state.hidden)
-  conf = drafter.model.draft_scored(dp, (), state.tokens, state.lengths, jax.random.key(1)[None],
-                                    batch, False, view)[3]
+  return drafter.model.draft_scored(dp, (), state.tokens, state.lengths, jax.random.key(1)[None],
+                                    batch, False, view)
+
+
+def first_round_unsure(cfg, params, drafter, dp, prompt, setting):
+  """lookup_unsure's threshold for the sampled test: just below the peak of
+  mtp's first q after the prompt, so the first round (the prompt's only
+  match is its last token) drafts from mtp, while the bug of
+  negative_controls' 'unsure_by_drawn_token' sends every draw other than the
+  peak token to lookup."""
+  conf = first_round_scored(cfg, params, drafter, dp, prompt, setting)[3]
   return dataclasses.replace(drafter, unsure=0.98 * float(conf[0, 0]))
 
 
@@ -455,14 +461,7 @@ def first_round_sampled_min(cfg, params, drafter, dp, prompt, setting):
   [2, 5, 9, 5] drafts 9 by lookup), so the first round drafts by lookup,
   while the bug of negative_controls' 'sampled_min_of_drawn_token' does only
   when mtp's draw is as likely."""
-  gen = generate.Generator(cfg, cache_size=16, greedy=False, drafter=drafter.model)
-  batch = generate.make_batch([prompt], batch_size=1, bucket_len=16, max_new_tokens=NEW,
-                              keys=jax.random.key(0)[None], temperature=setting[0],
-                              top_k=setting[1], top_p=setting[2])
-  state = gen.prefill(params, batch, dp)
-  view = drafters.TargetView(embedding=params['embedding'], cache=state.cache, hidden=state.hidden)
-  q = drafter.model.draft(dp, (), state.tokens, state.lengths, jax.random.key(1)[None],
-                          batch, False, view)[1]
+  q = first_round_scored(cfg, params, drafter, dp, prompt, setting)[1]
   return dataclasses.replace(drafter, sampled_min=0.98 * float(q[0, 0, prompt[2]]))
 
 

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 
 from specdec_jax.config import ConfigMixin
 from specdec_jax.model import (RMSNorm, attend, linear, lm_head, opaque_zero, rms_norm, settled,
-                               visible_slots)
+                               take_rows, visible_slots)
 from specdec_jax.models.moe import MoE
 
 
@@ -302,7 +302,7 @@ class Gemma4(nn.Module):
 
   def embed(self, tokens):
     """Scaled token embedding, [B, T] -> [B, T, D]."""
-    x = jnp.take(self.embedding, tokens, axis=0).astype(self.config.jnp_dtype)
+    x = take_rows(self.embedding, tokens).astype(self.config.jnp_dtype)
     return x * jnp.asarray(math.sqrt(self.config.embed_dim), x.dtype)
 
   def per_layer_inputs(self, tokens, x):
@@ -312,7 +312,7 @@ class Gemma4(nn.Module):
     cfg = self.config
     B, T = tokens.shape
     L, P = cfg.num_layers, cfg.ple_dim
-    own = jnp.take(self.embedding_per_layer, tokens, axis=0).astype(x.dtype)
+    own = take_rows(self.embedding_per_layer, tokens).astype(x.dtype)
     own = own.reshape(B, T, L, P) * jnp.asarray(math.sqrt(P), x.dtype)
     proj = linear(x, self.per_layer_projection).reshape(B, T, L, P)
     proj = self.per_layer_projection_norm(proj * jnp.asarray(cfg.embed_dim ** -0.5, x.dtype))

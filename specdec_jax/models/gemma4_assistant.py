@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from specdec_jax.model import RMSNorm, linear, lm_head
+from specdec_jax.model import RMSNorm, linear, lm_head, take_rows
 from specdec_jax.models.gemma4 import Block, Gemma4Config
 
 
@@ -107,7 +107,7 @@ class Gemma4Assistant(nn.Module):
     _, top = jax.lax.top_k(scores, cfg.centroid_top_k)                     # [B, T, c]
     clusters = self.token_ordering.astype(jnp.int32).reshape(C, V // C)
     ids = clusters[top].reshape(B, T, -1)                                  # [B, T, c * V/C]
-    rows = jnp.take(self.embedding, ids, axis=0)                           # [B, T, M, d]
+    rows = take_rows(self.embedding, ids)                                  # [B, T, M, d]
     sel = jnp.einsum('btd,btmd->btm', y.astype(rows.dtype), rows,
                      preferred_element_type=jnp.float32)
     full = jnp.full((B, T, V), -jnp.inf, jnp.float32)
