@@ -78,7 +78,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.min_ngram = 1                     # ngram: shorter matches abstain (an AR step)
   c.lookup = 2                        # mtp+lookup / heads+lookup: the shortest match looked up
   c.lookup_unsure = 0.7               # ... and shorter matches where the drafter is less sure
-  c.lookup_sampled_min = 1.0          # ... sampling: lookup where the drafter gives its token this
+  c.lookup_sampled_min = 1.0          # ... sampling: lookup only where the drafter gives its token >= this
   # Fixed k and / or the dynamic draft-length policy (specdec_jax/policy.py),
   # whose points are labelled '<drafter> dynamic' and draft at most k.
   c.dynamic = 'false'                 # 'false', 'true' or 'false,true'

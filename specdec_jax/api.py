@@ -76,9 +76,10 @@ def load_drafter(target: Target, kind: str, *, draft_len: int = 4, checkpoint: s
   followed them, the other rows take the trained drafter's draft;
   lookup_unsure = c (0.7 by default; 0 = off) also sends a row with a
   shorter match (1 .. n - 1 tokens) to lookup where the trained drafter's
-  first-token confidence is below c; lookup_sampled_min = m (0 = off) lets
-  a sampled row draft by lookup only where the trained drafter gives
-  lookup's first token a probability of at least m."""
+  first-token confidence is below c; lookup_sampled_min = m (1 by default:
+  only where the drafter is certain; 0 = off) lets a sampled row draft by
+  lookup only where the trained drafter gives lookup's first token a
+  probability of at least m."""
   from specdec_jax import checkpoints
   from specdec_jax.generation_job import shipped_drafter
   cfg = target.config
