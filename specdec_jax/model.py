@@ -242,6 +242,11 @@ def lm_head(hidden, embedding):
 
 # Slots a local layer's cut reads beyond its window (see visible_slots).
 SPAN_PAD = 64
+# attend: a pass over this many query tokens or more (prefill buckets, drafter
+# training windows) multiplies probabilities by values with one dot; shorter
+# passes (a decode step, a verify pass over k + 1 < 64 tokens) sum over slots,
+# which rounds a row alike at any row count (see attend).
+DOT_PRODUCT_MIN_TOKENS = 64
 
 
 def visible_slots(keys, values, q_pos, window: Optional[int]):
@@ -287,7 +292,10 @@ def attend(q, keys, values, q_pos, key_pos, window: Optional[int], strict: bool 
   query rows of each kv head stacked: XLA:CPU runs that form 2-5x faster than
   the five-letter einsums over [B, K, G, T, S] at batch 8 x 2048 slots (one
   layer 6.5-19 ms -> 3.3-4 ms over runs; `python -m experiments.bench_ar`
-  prints both forms). The value product is a sum over slots (see below).
+  prints both forms). The value product is a sum over slots (see below) in
+  a pass over fewer than DOT_PRODUCT_MIN_TOKENS queries, and one dot in a
+  longer one (a prefill bucket, a drafter training window), where the sum
+  cost 5x per drafter training step (16 vs 3 s for 8 x 256 tokens, Zen 3).
   """
   B, T, N, H = q.shape
   K = keys.shape[1]
@@ -342,7 +350,14 @@ def attend(q, keys, values, q_pos, key_pos, window: Optional[int], strict: bool 
   # Its order over slots is not one slot after another (1024 slots of
   # 64-wide heads are added in blocks of 512), hence the tree's chain layout
   # above.
-  out = jnp.sum(probs[..., None] * v, axis=-2)                    # [B, K, TG or T, (G,) H]
+  if chain_order is None and T >= DOT_PRODUCT_MIN_TOKENS:
+    # A long block of queries (a prefill bucket, a training window) is not
+    # a verify pass: no other pass has to round its rows alike, and the sum
+    # over slots would be a [TG, S, H] elementwise product (materialised
+    # under autodiff: 2 GB per drafter training step of 8 x 256 tokens).
+    out = jax.lax.dot_general(probs, v[:, :, 0], (((3,), (2,)), ((0, 1), (0, 1))))
+  else:
+    out = jnp.sum(probs[..., None] * v, axis=-2)                  # [B, K, TG or T, (G,) H]
   out = out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4)                 # [B, T, K, G, H]
   return out.reshape(B, T, N * H).astype(q.dtype)
 

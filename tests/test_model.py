@@ -122,6 +122,34 @@ def test_a_query_rounds_alike_among_any_number_of_rows():
   np.testing.assert_allclose(row_softmax(y), jax.nn.softmax(y, -1), rtol=1e-5, atol=1e-7)
 
 
+def test_a_long_query_block_takes_the_value_product_as_one_dot(monkeypatch):
+  """From DOT_PRODUCT_MIN_TOKENS queries on, attend multiplies probabilities
+  by values with a dot: the same values as the sum over slots within float32
+  rounding, and under autodiff no [TG, S, H] product held in memory (the sum's
+  form, the negative control, holds one: 64 MB here)."""
+  from specdec_jax import model
+  rng = np.random.default_rng(2)
+  B, T, N, H, S = 1, model.DOT_PRODUCT_MIN_TOKENS, 4, 256, 256
+  q = jnp.asarray(rng.standard_normal((B, T, N, H)) * 0.1, jnp.float32)
+  kv = [jnp.asarray(rng.standard_normal((B, 1, S, H)), jnp.float32) for _ in range(2)]
+  qp = jnp.asarray(100 + np.arange(T), jnp.int32)[None]
+  kp = jnp.arange(S, dtype=jnp.int32)[None]
+
+  def grad_temp_bytes():
+    f = lambda q, v: jnp.sum(model.attend(q, kv[0], v, qp, kp, None, strict=True) ** 2)
+    return jax.jit(jax.grad(f, argnums=(0, 1))).lower(q, kv[1]).compile(
+        ).memory_analysis().temp_size_in_bytes
+
+  dot_out = model.attend(q, kv[0], kv[1], qp, kp, None, strict=True)
+  dot_bytes = grad_temp_bytes()
+  monkeypatch.setattr(model, 'DOT_PRODUCT_MIN_TOKENS', 10 ** 9)
+  sum_out = model.attend(q, kv[0], kv[1], qp, kp, None, strict=True)
+  sum_bytes = grad_temp_bytes()
+  np.testing.assert_allclose(dot_out, sum_out, rtol=1e-5, atol=1e-6)
+  product = T * N * S * H * 4
+  assert sum_bytes >= product > 4 * dot_bytes, (sum_bytes, dot_bytes, product)
+
+
 @pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float32])
 def test_take_rows_is_take_without_casting_the_table(dtype):
   """take_rows == jnp.take bit for bit, gradient included; in a loop over a
