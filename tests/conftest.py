@@ -12,7 +12,8 @@ def _share_compiled_programs():
   (they inherit the environment). Tests build fresh jitted functions for the
   same tiny programs over and over; with the cache an identical program is
   compiled once per run. Measured 2026-11-28 (Zen 3 EPYC, 2 cores, one
-  process): tests/test_speculative.py 754 s -> 552 s from an empty cache.
+  process, `python -m pytest -q tests/test_speculative.py` with
+  JAX_COMPILATION_CACHE_DIR unset vs set to an empty folder): 754 s -> 552 s.
   A fresh folder per run (removed at exit), so a run never depends on the
   one before; SPECDEC_TEST_XLA_CACHE=<folder> keeps one across runs."""
   if 'JAX_COMPILATION_CACHE_DIR' in os.environ:   # a worker, or set by hand
